@@ -181,7 +181,8 @@ class IMMModel(nn.Module):
         """G_theta(c_in(t) x_t, c_noise(t), c_noise(s)) with c_noise(u) = time_scale * u."""
         t, s = self._times(t, x_t), self._times(s, x_t)
         second = s if self.cfg.temb == "identity" else t - s
-        x_in = (_expand(c_in(t, self.cfg), x_t) * x_t).to(torch.float32)
+        net_dtype = next(self.model.parameters()).dtype   # float32 normally; the state may be float64
+        x_in = (_expand(c_in(t, self.cfg), x_t) * x_t).to(net_dtype)
         return self.model(x_in, self.cfg.time_scale * t, self.cfg.time_scale * second, labels)
 
     def forward(self, x_t, t, s, labels=None):
@@ -347,9 +348,10 @@ def imm_loss(model, x, cfg, times=None, noise=None, labels=None):
     with torch.no_grad():
         y_r = model(x_r, t=r, s=s, labels=labels)
 
-    w_tilde = kernel_weight(s=times.s, t=times.t, cfg=cfg).to(x.device, torch.float32)
-    mmd2 = mmd_squared(y_t.reshape(G, M, -1).float(), y_r.reshape(G, M, -1).float(), w_tilde, cfg)
-    w = weight(times.t, cfg).to(x.device, torch.float32)
+    dtype = torch.promote_types(y_t.dtype, torch.float32)   # the kernel never runs below float32
+    w_tilde = kernel_weight(s=times.s, t=times.t, cfg=cfg).to(x.device, dtype)
+    mmd2 = mmd_squared(y_t.reshape(G, M, -1).to(dtype), y_r.reshape(G, M, -1).to(dtype), w_tilde, cfg)
+    w = weight(times.t, cfg).to(x.device, dtype)
     loss = (w * mmd2).mean()
     stats = dict(t=times.t.detach(), s=times.s.detach(), r=times.r.detach(), w=w, mmd2=mmd2.detach())
     return loss, stats
