@@ -493,7 +493,7 @@ def toy_data(n, name="checkerboard", generator=None):
 
 
 def train_2d(method, cfg, data="checkerboard", steps=3000, batch=1024, lr=1e-3, seed=0,
-             width=256, depth=4, ema_decay=0.995, callback=None):
+             width=128, depth=3, ema_decay=0.995, callback=None):
     """Train MLP + IMMModel on 2D data with `method` 'imm' or 'fm'; returns (EMA model, losses).
 
     callback(step, model, ema), if given, runs every 100 steps (the notebook plots progress with it).
