@@ -3,21 +3,30 @@
 Read top to bottom next to the paper. Sections follow the paper's order:
   1. schedules and the DDIM interpolant (Sec. 4.1, Eq. 11)
   2. the one-step map f_{s,t}(x_t) and its parameterisations (Sec. 4.2, App. C.5)
-  3. networks: a small MLP for 2D data (the DDPM++ U-Net for CIFAR-10 follows it)
+  3. networks: a small MLP for 2D data and the DDPM++ U-Net for CIFAR-10 (spec 4.1)
   4. time sampling p(s,t) and the mapping r(s,t) (Sec. 4.2, App. C.6)
   5. kernel, weighting and the IMM loss (Eq. 12, 13, 67), plus a flow-matching baseline
   6. EMA
   7. samplers: pushforward and restart (Algorithms 2 and 5)
-  8. a sample-quality metric for low-dimensional data
-  9. the 2D demo: `python imm.py`
+  8. checkpoint loading (the official CIFAR-10 model, read without running its code) and images
+  9. a sample-quality metric for low-dimensional data
+ 10. the 2D demo: `python imm.py`
 
 Conventions: time runs from data (t = 0) to noise (t = 1); the prior is N(0, sigma_d^2 I); every
 call of f passes its times by keyword, f(x_t, t=t, s=s), because the paper and the official code
 order the two times differently and positional calls invite exactly that bug.
 """
 import argparse
+import collections
+import io
 import math
+import os
+import pickle
+import shutil
+import tempfile
 import time
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -165,7 +174,8 @@ class IMMModel(nn.Module):
 
     The attribute name matches the official checkpoints, whose state-dict keys start with 'model.'.
     Times t and s are scalars or one value per sample. They are kept in float64 up to the network:
-    near t = T the r-step is ~2e-7, which float32 cannot resolve after scaling by 1000.
+    near t = T the r-step is ~2e-7, which float32 cannot resolve after scaling by 1000. (The official
+    forward rounds t and s to float32 first; on its checkpoint the outputs differ at round-off level.)
     """
 
     def __init__(self, net, cfg):
@@ -229,6 +239,176 @@ class MLP(nn.Module):
         for block in self.blocks:
             h = h + block(h + emb)
         return self.out(F.silu(h))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3b. DDPM++ for CIFAR-10: EDM's SongUNet plus IMM's second (s) time embedding (spec 4.1).
+#     Module names follow the official code so its checkpoints load key for key.
+# ---------------------------------------------------------------------------------------------
+
+SKIP_SCALE = math.sqrt(0.5)   # DDPM++ scales every residual sum by 1/sqrt(2)
+
+
+def _edm_init(layer, scale=1.0):
+    """EDM's init: xavier_uniform weight times `scale`, zero bias (matters only from scratch)."""
+    nn.init.xavier_uniform_(layer.weight)
+    with torch.no_grad():
+        layer.weight.mul_(scale)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def group_norm(channels):
+    return nn.GroupNorm(min(32, channels // 4), channels, eps=1e-6)
+
+
+class EmbeddingLinear(nn.Linear):
+    """Linear layer that computes in the dtype of its input.
+
+    The positional-embedding frequencies are float64, so in the official code the time embedding,
+    both MLPs and every block's `affine` run in float64 (its layers cast weights to the input).
+    We do the same with float32 parameters: it keeps parity with the official weights, and near T,
+    where t - r is only ~2e-7 (spec 13.10), the embedding still tells t and r apart.
+    """
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features)
+        _edm_init(self)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+
+
+class Conv(nn.Conv2d):
+    """'Same' convolution, optionally preceded by EDM's [1,1]-filter resampling.
+
+    down: 2x2 box average, stride 2 (depthwise conv); up: depthwise transposed conv with 4x the
+    filter, stride 2, i.e. nearest-neighbour upsampling. The filter is a buffer because the
+    official state dict stores it (as `resample_filter`, shape [1,1,2,2], all 0.25).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel, up=False, down=False, init_scale=1.0):
+        super().__init__(in_channels, out_channels, kernel, padding=kernel // 2)
+        _edm_init(self, init_scale)
+        self.up, self.down = up, down
+        if up or down:
+            self.register_buffer("resample_filter", torch.full((1, 1, 2, 2), 0.25))
+
+    def forward(self, x):
+        if self.up or self.down:
+            C = x.shape[1]
+            f = self.resample_filter.to(x.dtype).tile(C, 1, 1, 1)
+            x = F.conv_transpose2d(x, 4 * f, stride=2, groups=C) if self.up else F.conv2d(x, f, stride=2, groups=C)
+        return super().forward(x)
+
+
+class UNetBlock(nn.Module):
+    """DDPM++ residual block (spec 4.1): GroupNorm-SiLU-conv, add the embedding, GroupNorm-SiLU-
+    dropout-conv, skip, scale by 1/sqrt(2); optionally single-head self-attention after it."""
+
+    def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False, attention=False, dropout=0.0):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.dropout, self.attention = dropout, attention
+        self.norm0 = group_norm(in_channels)
+        self.conv0 = Conv(in_channels, out_channels, 3, up=up, down=down)
+        self.affine = EmbeddingLinear(emb_channels, out_channels)
+        self.norm1 = group_norm(out_channels)
+        self.conv1 = Conv(out_channels, out_channels, 3, init_scale=1e-5)
+        self.skip = None
+        if in_channels != out_channels or up or down:
+            self.skip = Conv(in_channels, out_channels, 1, up=up, down=down)
+        if attention:
+            self.norm2 = group_norm(out_channels)
+            self.qkv = Conv(out_channels, 3 * out_channels, 1, init_scale=math.sqrt(0.2))
+            self.proj = Conv(out_channels, out_channels, 1, init_scale=1e-5)
+
+    def forward(self, x, emb):
+        h = self.conv0(F.silu(self.norm0(x)))
+        h = F.silu(self.norm1(h + self.affine(emb)[:, :, None, None].to(h.dtype)))
+        h = self.conv1(F.dropout(h, self.dropout, self.training))
+        x = (h + (x if self.skip is None else self.skip(x))) * SKIP_SCALE
+        if self.attention:
+            N, C, H, W = x.shape
+            # The official qkv channels are interleaved as [C, 3], hence reshape(N, C, 3, HW).
+            q, k, v = self.qkv(self.norm2(x)).reshape(N, C, 3, H * W).unbind(2)
+            # a[n,c,i] = sum_j softmax_j(sum_c' q[n,c',i] k[n,c',j] / sqrt(C)) v[n,c,j]. SDPA computes
+            # exactly this (checked against the einsum form in the tests) without storing the
+            # [N, HW, HW] weights, and keeps the softmax in fp32 under bf16 autocast.
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            x = (self.proj(a.transpose(1, 2).reshape(N, C, H, W)) + x) * SKIP_SCALE
+        return x
+
+
+class DDPMpp(nn.Module):
+    """G_theta(x, c_noise_t, c_noise_s) for 32x32 images: EDM's DDPM++ U-Net with a second time
+    embedding for s (spec 4.1; 56,061,443 parameters with the defaults). Unconditional only."""
+
+    def __init__(self, img_resolution=32, in_channels=3, out_channels=3, model_channels=128, channel_mult=(2, 2, 2),
+                 num_blocks=4, attn_resolutions=(16,), dropout=0.2, channel_mult_emb=4, channel_mult_noise=1):
+        super().__init__()
+        self.img_resolution, self.in_channels = img_resolution, in_channels
+        self.noise_channels = model_channels * channel_mult_noise
+        emb_channels = model_channels * channel_mult_emb
+        self.map_layer0 = EmbeddingLinear(self.noise_channels, emb_channels)
+        self.map_layer1 = EmbeddingLinear(emb_channels, emb_channels)
+        self.map_layer0_s = EmbeddingLinear(self.noise_channels, emb_channels)   # App. I.1 "injecting time s"
+        self.map_layer1_s = EmbeddingLinear(emb_channels, emb_channels)
+
+        def block(cin, cout, **kw):
+            return UNetBlock(cin, cout, emb_channels, dropout=dropout, **kw)
+
+        # Encoder: a conv, then per resolution an optional downsampling block and num_blocks blocks.
+        self.enc, cout = nn.ModuleDict(), model_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                self.enc[f"{res}x{res}_conv"] = Conv(in_channels, model_channels, 3)
+            else:
+                self.enc[f"{res}x{res}_down"] = block(cout, cout, down=True)
+            for i in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                self.enc[f"{res}x{res}_block{i}"] = block(cin, cout, attention=res in attn_resolutions)
+
+        # Decoder: mirror image with num_blocks + 1 blocks per resolution, each taking one skip.
+        skips = [layer.out_channels for layer in self.enc.values()]
+        self.dec = nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{res}x{res}_in0"] = block(cout, cout, attention=True)
+                self.dec[f"{res}x{res}_in1"] = block(cout, cout)
+            else:
+                self.dec[f"{res}x{res}_up"] = block(cout, cout, up=True)
+            for i in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                self.dec[f"{res}x{res}_block{i}"] = block(cin, cout, attention=i == num_blocks and res in attn_resolutions)
+        res = img_resolution
+        self.dec[f"{res}x{res}_aux_norm"] = group_norm(cout)
+        self.dec[f"{res}x{res}_aux_conv"] = Conv(cout, out_channels, 3, init_scale=1e-5)
+
+    def embedding(self, c_noise_t, c_noise_s):
+        """emb = silu(MLP_t(PE(c_noise_t)) + MLP_s(PE(c_noise_s))) in float64, shape [N or 1, emb]."""
+        pe_t = positional_embedding(c_noise_t.reshape(-1), self.noise_channels)
+        pe_s = positional_embedding(c_noise_s.reshape(-1), self.noise_channels)
+        emb_t = self.map_layer1(F.silu(self.map_layer0(pe_t)))
+        emb_s = self.map_layer1_s(F.silu(self.map_layer0_s(pe_s)))
+        return F.silu(emb_t + emb_s)
+
+    def forward(self, x, c_noise_t, c_noise_s, labels=None):
+        if labels is not None:
+            raise ValueError("DDPMpp is the unconditional CIFAR-10 network: labels must be None")
+        emb = self.embedding(c_noise_t, c_noise_s)
+        skips = []
+        for layer in self.enc.values():
+            x = layer(x, emb) if isinstance(layer, UNetBlock) else layer(x)
+            skips.append(x)
+        *blocks, aux_norm, aux_conv = self.dec.values()
+        for layer in blocks:
+            if x.shape[1] != layer.in_channels:   # every decoder block except in0, in1 and up takes a skip
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = layer(x, emb)
+        return aux_conv(F.silu(aux_norm(x)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,7 +631,224 @@ def restart_sample(model, x_T, ts, labels=None, generator=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. Sample quality for low-dimensional data: sliced Wasserstein-2 distance (needs no network)
+# 8. Checkpoint loading and images: the official CIFAR-10 model, read without running any of its code
+#     (spec 10). The files are plain pickles whose classes rebuild themselves by exec()ing
+#     source text stored in the file; we keep only tensors and a few scalars.
+# ---------------------------------------------------------------------------------------------
+
+OFFICIAL_CIFAR10_URL = "https://huggingface.co/lumaai/imm/resolve/main/cifar10.pt"
+
+# Globals that could only serve to run code. Everything else unknown becomes an inert stub, so
+# this list is not what keeps loading safe; it turns an obviously malicious file into a clear error.
+_DENIED_MODULES = {"builtins", "os", "posix", "nt", "subprocess", "sys", "importlib", "runpy", "shutil",
+                   "socket", "ctypes", "pickle", "marshal", "code"}
+
+
+class _Inert:
+    """Stand-in for any class or function the checkpoint names: records arguments, runs nothing."""
+
+    def __new__(cls, *args, **kwargs):  # REDUCE calls the stub, NEWOBJ calls only __new__
+        self = super().__new__(cls)
+        self.args, self.kwargs, self.state, self.items, self.elements = args, kwargs, None, {}, []
+        return self
+
+    def __setstate__(self, state):      # BUILD (e.g. ModuleDict's __dict__)
+        self.state = state
+
+    def __setitem__(self, key, value):  # SETITEMS on dict subclasses (EasyDict)
+        self.items[key] = value
+
+    def append(self, value):            # APPENDS on list subclasses
+        self.elements.append(value)
+
+    def extend(self, values):
+        self.elements.extend(values)
+
+
+class _PersistentRecord:
+    """What `torch_utils.persistence._reconstruct_persistent_obj(meta)` becomes: the class name and
+    the instance __dict__. meta['module_src'] (the class's source code) is dropped unread."""
+
+    def __init__(self, meta):
+        meta = meta if isinstance(meta, dict) else {}
+        self.class_name, self.state = meta.get("class_name"), meta.get("state")
+
+
+def _storage_from_bytes(blob):
+    # Each storage is a complete legacy (non-zip) torch.save blob; torch's weights_only unpickler
+    # reads those and accepts nothing but storages and plain containers (spec 10.2). Storages
+    # saved from a GPU name 'cuda:0' as their location: map them to the CPU so no GPU is needed.
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+
+
+def _rebuild_tensor(storage, offset, size, stride, *unused):
+    return torch.empty(0, dtype=storage.dtype).set_(storage, offset, size, stride).clone()
+
+
+def _rebuild_parameter(data, *unused):
+    return data
+
+
+class RefusedGlobalError(pickle.UnpicklingError):
+    """The checkpoint names a global that can only serve to run code."""
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Spec 10.2: whitelist what the checkpoint needs, refuse code-running globals, stub the rest."""
+
+    _allowed = {
+        ("torch_utils.persistence", "_reconstruct_persistent_obj"): _PersistentRecord,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+        ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("builtins", "set"): set,            # pickle protocols < 4 spell sets this way
+        ("builtins", "frozenset"): frozenset,
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._allowed:
+            return self._allowed[module, name]
+        if module.split(".")[0] in _DENIED_MODULES:
+            raise RefusedGlobalError(f"refusing to load global {module}.{name}: it can run code, and an "
+                                     f"IMM checkpoint never needs it (is this file malicious?)")
+        return type(name, (_Inert,), {"__module__": "imm._inert." + module})   # a fresh class per name
+
+
+def _module_state(obj):
+    state = obj.state if isinstance(obj, (_PersistentRecord, _Inert)) else None
+    return state if isinstance(state, dict) else {}
+
+
+def _flat_state_dict(obj, prefix=""):
+    """Spec 10.2 step 3: the state_dict() of a pickled module tree, read from its __dict__ records."""
+    state, out = _module_state(obj), {}
+    skip = state.get("_non_persistent_buffers_set") or set()
+    for group in ("_parameters", "_buffers"):
+        for name, tensor in (state.get(group) or {}).items():
+            if torch.is_tensor(tensor) and not (group == "_buffers" and name in skip):
+                out[prefix + name] = tensor
+    for name, child in (state.get("_modules") or {}).items():
+        if child is not None:
+            out.update(_flat_state_dict(child, prefix + name + "."))
+    return out
+
+
+def _download(url, cache_dir=None):
+    """Fetch url into cache_dir once (temp file + rename, so an interrupted download leaves nothing)."""
+    cache_dir = os.path.expanduser(cache_dir or "~/.cache/imm")
+    path = os.path.join(cache_dir, os.path.basename(urllib.parse.urlparse(url).path))
+    if not os.path.exists(path):
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url) as r:
+                shutil.copyfileobj(r, f)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return path
+
+
+def _official_config(state):
+    """IMMConfig from the official IMMPrecond's scalars (spec 10.2 step 5); CIFAR defaults where absent.
+    Official names: sigma_data, T, eps (= t_min), f_type, temb_type, noise_schedule, time_scale;
+    the values ('fm' | 'vp_cosine', 'identity' | 'stride', f-types) are spelled as in IMMConfig."""
+    default = IMMConfig()
+
+    def get(key, fallback, kind):
+        v = state.get(key)
+        return kind(v) if isinstance(v, (int, float, str)) and not isinstance(v, bool) else fallback
+    return IMMConfig(sigma_d=get("sigma_data", default.sigma_d, float), T=get("T", default.T, float),
+                     t_min=get("eps", default.t_min, float), f_type=get("f_type", default.f_type, str),
+                     temb=get("temb_type", default.temb, str), schedule=get("noise_schedule", default.schedule, str),
+                     time_scale=get("time_scale", default.time_scale, float))
+
+
+def load_official(path_or_url=OFFICIAL_CIFAR10_URL, cache_dir=None, map_location="cpu"):
+    """(model, cfg) from an official IMM CIFAR-10 checkpoint: IMMModel(DDPMpp()) with the EMA weights,
+    in eval mode. A URL is downloaded once into cache_dir (default ~/.cache/imm)."""
+    path = _download(path_or_url, cache_dir) if "://" in str(path_or_url) else str(path_or_url)
+    expected = (f"expected an official IMM CIFAR-10 checkpoint (a raw pickle of a dict with 'ema', "
+                f"like {OFFICIAL_CIFAR10_URL})")
+    with open(path, "rb") as f:
+        head = f.read(2)
+        if head == b"PK":
+            raise ValueError(f"{path} is a zip archive (torch.save format), not a raw pickle; {expected}")
+        if head[:1] != b"\x80":
+            raise ValueError(f"{path} is not a pickle file; {expected}")
+        f.seek(0)
+        try:
+            data = _SafeUnpickler(f).load()
+        except RefusedGlobalError:
+            raise
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+                RuntimeError) as e:
+            raise ValueError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); {expected}") from e
+    if not isinstance(data, dict) or "ema" not in data:
+        raise ValueError(f"{path} has no 'ema' entry; {expected}")
+    root = data["ema"]
+
+    cfg = _official_config(_module_state(root))
+    model = IMMModel(DDPMpp(), cfg)
+    found, want = _flat_state_dict(root), model.state_dict()
+    missing = [k for k in want if k not in found]
+    wrong = [f"{k} {tuple(found[k].shape)} != {tuple(v.shape)}" for k, v in want.items()
+             if k in found and found[k].shape != v.shape]
+    if missing or wrong:
+        extra = [k for k in found if k not in want]
+        raise ValueError(f"{path} is not an IMM CIFAR-10 DDPM++ checkpoint: {len(missing)} missing keys "
+                         f"{missing[:5]}, {len(wrong)} shape mismatches {wrong[:5]}, {len(extra)} unexpected "
+                         f"keys {extra[:5]}")
+    # Extra keys (e.g. model.map_augment.weight if training fed EDM augment labels) are ignored,
+    # as the official copy_params_and_buffers(require_all=True) does (spec 10.2 step 4).
+    model.load_state_dict({k: found[k] for k in want})
+    return model.eval().to(map_location), cfg
+
+
+def decode_images(x):
+    """Spec 6.4: float NCHW in about [-1, 1] -> uint8 NHWC, as the official (x * 127.5 + 128).clip(0, 255)
+    cast to uint8. The +128 with truncation rounds half up: x = -1 -> 0, 0 -> 128, 1 -> 255."""
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def save_image_grid(x, path, nrow=None):
+    """Write images x (float NCHW, about [-1, 1]) as one PNG, nrow images per row (default ~square)."""
+    from PIL import Image
+    img = decode_images(x)
+    N, H, W, C = img.shape
+    nrow = nrow or math.ceil(math.sqrt(N))
+    rows = math.ceil(N / nrow)
+    grid = torch.zeros(rows * H, nrow * W, C, dtype=torch.uint8)
+    for i in range(N):
+        r, c = divmod(i, nrow)
+        grid[r * H:(r + 1) * H, c * W:(c + 1) * W] = img[i]
+    Image.fromarray(grid.squeeze(-1).numpy() if C == 1 else grid.numpy()).save(path)
+
+
+def sample_images(model, n, steps=2, seed=0, generator=None, device=None, batch=500):
+    """n images (float64 NCHW, about [-1, 1]) from IMMModel(DDPMpp) with the pushforward sampler and
+    CIFAR-10's step lists: 1 step [T, t_min]; 2 steps [T, eta^-1(1.4), t_min] (spec 6.1). The prior
+    noise comes from `generator` (CPU) if given, else from a new one seeded with `seed`; it is moved
+    to `device` (default: the model's), batch images at a time."""
+    if steps not in (1, 2):
+        raise ValueError(f"sample_images: steps must be 1 or 2 (CIFAR-10's lists), got {steps}; for other "
+                         f"lists call timesteps() and pushforward_sample() directly")
+    cfg, net = model.cfg, model.model
+    device = device or next(model.parameters()).device
+    ts = timesteps(steps, "eta", cfg, mid_eta=(1.4,)[:steps - 1])
+    gen = generator or torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, n, batch):
+        shape = (min(batch, n - i), net.in_channels, net.img_resolution, net.img_resolution)
+        out.append(pushforward_sample(model, prior_sample(shape, cfg, device, gen), ts).cpu())
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Sample quality for low-dimensional data: sliced Wasserstein-2 distance (needs no network)
 # ---------------------------------------------------------------------------------------------
 
 def sliced_wasserstein(x, y, n_proj=256, seed=0):
@@ -474,7 +871,7 @@ def sliced_wasserstein(x, y, n_proj=256, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. 2D demo: IMM against flow matching with the same network, step budget and sampler code
+# 10. 2D demo: IMM against flow matching with the same network, step budget and sampler code
 # ---------------------------------------------------------------------------------------------
 
 def toy_data(n, name="checkerboard", generator=None):

@@ -1,12 +1,25 @@
 """Tests for imm.py: each name states a property; each body checks it against a value computed
 another way (reference numbers from the spec, closed forms, or a naive re-computation)."""
+import builtins
+import contextlib
+import copy
+import importlib
+import io
 import math
+import mimetypes  # noqa: F401  (urllib's file:// handler imports it lazily; import it before exec is patched)
 import os
+import pickle
 import subprocess
 import sys
+import types
+import warnings
 
+import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
 
 import imm
 from imm import IMMConfig, IMMModel
@@ -422,3 +435,557 @@ def test_the_demo_runs_from_the_command_line(tmp_path):
     help_text = subprocess.run([sys.executable, os.path.join(HERE, "imm.py"), "--help"], capture_output=True, text=True).stdout
     for option in ("--steps", "--seed", "--out", "--data"):
         assert option in help_text
+
+
+# ============================================================================= DDPM++, checkpoints, images
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+def randomize_(net, seed=0):
+    """Weights of order one everywhere (EDM's init makes conv1/proj/aux_conv ~1e-5, which would
+    hide the embedding's and the attention's effect on the output)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.ndim > 1:
+                p.copy_(noise / math.sqrt(p[0].numel()))
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * noise)
+            else:
+                p.copy_(0.1 * noise)
+    return net.eval()
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def tiny_net(**kw):
+    kw = dict(img_resolution=8, model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,)) | kw
+    return imm.DDPMpp(**kw)
+
+
+@pytest.fixture(scope="module")
+def fresh_net():
+    torch.manual_seed(0)
+    return imm.DDPMpp()
+
+
+@pytest.fixture(scope="module")
+def random_net(fresh_net):
+    return randomize_(copy.deepcopy(fresh_net), seed=1)
+
+
+def spec_state_dict_shapes():
+    """Spec 4.1's block table, written out row by row (independent of DDPMpp's constructor)."""
+    E, shapes = 512, {}
+
+    def add(name, **tensors):
+        shapes.update({f"model.{name}.{k}": v for k, v in tensors.items()})
+
+    def conv(name, cin, cout, k, resample=False):
+        add(name, weight=(cout, cin, k, k), bias=(cout,))
+        if resample:
+            add(name, resample_filter=(1, 1, 2, 2))
+
+    def norm(name, c):
+        add(name, weight=(c,), bias=(c,))
+
+    def linear(name, cin, cout):
+        add(name, weight=(cout, cin), bias=(cout,))
+
+    def block(name, cin, cout, resample, skip, attn):
+        norm(f"{name}.norm0", cin)
+        conv(f"{name}.conv0", cin, cout, 3, resample)
+        linear(f"{name}.affine", E, cout)
+        norm(f"{name}.norm1", cout)
+        conv(f"{name}.conv1", cout, cout, 3)
+        if skip:
+            conv(f"{name}.skip", cin, cout, 1, resample)
+        if attn:
+            norm(f"{name}.norm2", cout)
+            conv(f"{name}.qkv", cout, 3 * cout, 1)
+            conv(f"{name}.proj", cout, cout, 1)
+
+    for sfx in ("", "_s"):
+        linear(f"map_layer0{sfx}", 128, E)
+        linear(f"map_layer1{sfx}", E, E)
+    conv("enc.32x32_conv", 3, 128, 3)
+    rng = lambda prefix, idx: [f"{prefix}{i}" for i in idx]  # noqa: E731
+    table = [  # names, in, out, resample, skip conv, attention
+        (["enc.32x32_block0"], 128, 256, False, True, False),
+        (rng("enc.32x32_block", (1, 2, 3)), 256, 256, False, False, False),
+        (["enc.16x16_down"], 256, 256, True, True, False),
+        (rng("enc.16x16_block", range(4)), 256, 256, False, False, True),
+        (["enc.8x8_down"], 256, 256, True, True, False),
+        (rng("enc.8x8_block", range(4)), 256, 256, False, False, False),
+        (["dec.8x8_in0"], 256, 256, False, False, True),
+        (["dec.8x8_in1"], 256, 256, False, False, False),
+        (rng("dec.8x8_block", range(5)), 512, 256, False, True, False),
+        (["dec.16x16_up"], 256, 256, True, True, False),
+        (rng("dec.16x16_block", range(4)), 512, 256, False, True, False),
+        (["dec.16x16_block4"], 512, 256, False, True, True),
+        (["dec.32x32_up"], 256, 256, True, True, False),
+        (rng("dec.32x32_block", range(4)), 512, 256, False, True, False),
+        (["dec.32x32_block4"], 384, 256, False, True, False),
+    ]
+    for names, cin, cout, resample, skip, attn in table:
+        for name in names:
+            block(name, cin, cout, resample, skip, attn)
+    norm("dec.32x32_aux_norm", 256)
+    conv("dec.32x32_aux_conv", 256, 3, 3)
+    return shapes
+
+
+# ---------------------------------------------------------------------------------------------
+# the network
+# ---------------------------------------------------------------------------------------------
+
+def test_cifar_network_has_the_official_keys_shapes_and_parameter_count(fresh_net):
+    model = imm.IMMModel(fresh_net, imm.IMMConfig())
+    sd = model.state_dict()
+    expected = spec_state_dict_shapes()
+    assert len(expected) == 428
+    assert {k: tuple(v.shape) for k, v in sd.items()} == expected
+    assert sum(p.numel() for p in model.parameters()) == 56_061_443
+    assert sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.map_layer") and "_s." in n) == 328_704
+    buffers = dict(model.named_buffers())
+    assert len(buffers) == 8 and all(k.endswith("resample_filter") for k in buffers)
+    assert all(torch.equal(b, torch.full((1, 1, 2, 2), 0.25)) for b in buffers.values())
+    assert isinstance(fresh_net.enc, nn.ModuleDict) and isinstance(fresh_net.dec, nn.ModuleDict)
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms and all(m.num_groups == min(32, m.num_channels // 4) and m.eps == 1e-6 for m in norms)
+
+
+def test_init_follows_edm(fresh_net):
+    """xavier_uniform scaled by 1e-5 (conv1, proj, aux_conv), sqrt(0.2) (qkv) or 1; zero biases."""
+    for name, m in fresh_net.named_modules():
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue
+        fan_in, fan_out = m.weight[0].numel(), m.weight.shape[0] * m.weight[0, 0].numel()
+        leaf = name.split(".")[-1]
+        scale = {"conv1": 1e-5, "proj": 1e-5, "32x32_aux_conv": 1e-5, "qkv": math.sqrt(0.2)}.get(leaf, 1.0)
+        bound = scale * math.sqrt(6 / (fan_in + fan_out))
+        w = m.weight.abs().max().item()
+        assert 0.9 * bound < w <= bound * (1 + 1e-6), name
+        assert torch.all(m.bias == 0), name
+
+
+def test_output_shape_equals_input_shape_and_labels_are_rejected(random_net):
+    x = torch.randn(2, 3, 32, 32)
+    t = torch.tensor([990.0, 300.0], dtype=torch.float64)
+    with torch.no_grad():
+        y = random_net(x, t, 0.5 * t)
+    assert y.shape == x.shape and y.dtype == torch.float32 and torch.isfinite(y).all()
+    with pytest.raises(ValueError, match="labels must be None"):
+        random_net(x, t, t, labels=torch.zeros(2, 10))
+
+
+def test_a_time_batch_of_one_equals_per_sample_times():
+    random_net = randomize_(tiny_net())
+    x = torch.randn(2, 3, 8, 8)
+    t, s = torch.tensor([700.0], dtype=torch.float64), torch.tensor([200.0], dtype=torch.float64)
+    with torch.no_grad():
+        one = random_net(x, t, s)
+        per_sample = random_net(x, t.expand(2), s.expand(2))
+        single = random_net(x[1:], t, s)
+    assert rel_err(one, per_sample) < 1e-6      # only the batch size of the matmuls differs
+    assert rel_err(one[1:], single) < 1e-5      # batch-size-dependent fp32 conv round-off
+
+
+def test_f_is_identity_when_s_equals_t_with_the_real_network(random_net):
+    model = imm.IMMModel(random_net, imm.IMMConfig()).eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64) * 0.5
+    t = torch.tensor([0.994, 0.3], dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(model(x, t=t, s=t), x)
+
+
+def test_network_depends_on_both_t_and_s_per_sample():
+    net = randomize_(tiny_net())
+    x = torch.randn(2, 3, 8, 8)
+    t, s = torch.tensor([800.0, 800.0], dtype=torch.float64), torch.tensor([100.0, 400.0], dtype=torch.float64)
+    with torch.no_grad():
+        y = net(x, t, s)
+        y_other_s = net(x, t, s.flip(0))
+        y_other_t = net(x, t - 300, s)
+        y0 = net(x[:1], t[:1], s[:1])
+    assert (y - y_other_s).abs().amin(dim=(1, 2, 3)).gt(0).all() and (y - y_other_s).abs().max() > 1e-3
+    assert (y - y_other_t).abs().max() > 1e-3
+    assert rel_err(y[:1], y0) < 1e-5
+
+
+def test_tiny_network_matches_the_official_songunet():
+    """Reference values computed once by running the official lumalabs/imm SongUNet (commit c9473e9,
+    s_embed=True, same kwargs) on CPU with these deterministic weights and inputs (fp32 round-off ~1e-6)."""
+    net = tiny_net()
+    with torch.no_grad():
+        for k, (name, p) in enumerate(net.named_parameters()):
+            w = torch.sin(0.37 * torch.arange(p.numel(), dtype=torch.float64) + k) / math.sqrt(p[0].numel() if p.ndim > 1 else 10)
+            p.copy_(w.reshape(p.shape) + (1 if "norm" in name and name.endswith("weight") else 0))
+    x = (0.8 * torch.sin(torch.arange(2 * 3 * 8 * 8, dtype=torch.float32) * 0.7)).reshape(2, 3, 8, 8)
+    c_t, c_s = torch.tensor([994.0, 250.0], dtype=torch.float64), torch.tensor([6.0, 100.0], dtype=torch.float64)
+    with torch.no_grad():
+        y = net.eval()(x, c_t, c_s)
+    idx = [(0, 0, 0, 0), (0, 1, 3, 4), (0, 2, 7, 7), (1, 0, 5, 2), (1, 1, 0, 7), (1, 2, 4, 4)]
+    official = [0.710555, 0.536711, -0.726856, 1.14229, -0.61992, -0.277662]
+    torch.testing.assert_close(torch.stack([y[i] for i in idx]), torch.tensor(official), rtol=0, atol=1e-5)
+    torch.testing.assert_close(y.flatten(1).norm(dim=1), torch.tensor([12.263800621, 13.474885941]), rtol=1e-5, atol=0)
+
+
+def test_embedding_is_silu_of_the_sum_of_two_float64_mlps():
+    net = randomize_(tiny_net())
+    t, s = torch.tensor([994.0, 20.0], dtype=torch.float64), torch.tensor([6.0, 10.0], dtype=torch.float64)
+    emb = net.embedding(t, s)
+    assert emb.dtype == torch.float64
+
+    def mlp(pe, l0, l1):
+        h = F.silu(pe @ l0.weight.double().T + l0.bias.double())
+        return h @ l1.weight.double().T + l1.bias.double()
+    pe = lambda c: torch.cat([torch.sin(c[:, None] * 1e-4 ** (torch.arange(8.0, dtype=torch.float64) / 7)),  # noqa: E731
+                              torch.cos(c[:, None] * 1e-4 ** (torch.arange(8.0, dtype=torch.float64) / 7))], 1)
+    ref = F.silu(mlp(pe(t), net.map_layer0, net.map_layer1) + mlp(pe(s), net.map_layer0_s, net.map_layer1_s))
+    torch.testing.assert_close(emb, ref, rtol=1e-12, atol=1e-12)
+    # float64 keeps t and r = t - 1.8e-7 (spec 13.10, scaled by 1000) apart; float32 could not
+    assert not torch.equal(net.embedding(t[:1], s[:1]), net.embedding(t[:1] - 1.82e-4, s[:1]))
+
+
+def test_unet_block_matches_the_spec_formula_with_explicit_attention():
+    torch.manual_seed(0)
+    block = randomize_(imm.UNetBlock(32, 64, emb_channels=24, attention=True))
+    x, emb = torch.randn(2, 32, 8, 8), torch.randn(2, 24, dtype=torch.float64)
+    with torch.no_grad():
+        out = block(x, emb)
+        N, C, H, W = 2, 64, 8, 8
+        h = block.conv0(F.silu(block.norm0(x)))
+        h = F.silu(block.norm1(h + (emb @ block.affine.weight.double().T + block.affine.bias.double()).float()[:, :, None, None]))
+        h = (block.conv1(h) + block.skip(x)) / math.sqrt(2)
+        qkv = block.qkv(block.norm2(h)).reshape(N, C, 3, H * W)     # channel c of q is qkv channel 3c
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        w = torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(C)).softmax(dim=2)
+        a = torch.einsum("nqk,nck->ncq", w, v).reshape(N, C, H, W)
+        ref = (block.proj(a) + h) / math.sqrt(2)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_resampling_is_box_downsampling_and_nearest_upsampling():
+    x = torch.randn(2, 5, 8, 8)
+    down, up = imm.Conv(5, 7, 3, down=True), imm.Conv(5, 7, 1, up=True)
+    with torch.no_grad():
+        torch.testing.assert_close(down(x), F.conv2d(F.avg_pool2d(x, 2), down.weight, down.bias, padding=1))
+        torch.testing.assert_close(up(x), F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), up.weight, up.bias))
+    assert down(x).shape == (2, 7, 4, 4) and up(x).shape == (2, 7, 16, 16)
+
+
+def test_dropout_is_active_in_training_mode_only():
+    net = randomize_(tiny_net(dropout=0.5))
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([500.0], dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(net(x, t, t), net(x, t, t))
+        net.train()
+        assert not torch.equal(net(x, t, t), net(x, t, t))
+
+
+# ---------------------------------------------------------------------------------------------
+# the official checkpoint format (spec 10.1), built here without the official code
+# ---------------------------------------------------------------------------------------------
+
+OFFICIAL_NAMES = {"IMMModel": "IMMPrecond", "DDPMpp": "SongUNet", "Conv": "Conv2d", "EmbeddingLinear": "Linear"}
+
+
+@contextlib.contextmanager
+def official_globals():
+    """Temporary modules torch_utils.persistence and dnnlib.util, as the official pickles name them."""
+    persistence, util = types.ModuleType("torch_utils.persistence"), types.ModuleType("dnnlib.util")
+
+    def _reconstruct_persistent_obj(meta):
+        raise AssertionError("the official reconstructor must never run")
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    util.EasyDict = type("EasyDict", (dict,), {"__module__": "dnnlib.util"})
+    mods = {"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": persistence,
+            "dnnlib": types.ModuleType("dnnlib"), "dnnlib.util": util}
+    assert not any(name in sys.modules for name in mods)
+    sys.modules.update(mods)
+    try:
+        yield persistence, util
+    finally:
+        for name in mods:
+            sys.modules.pop(name, None)
+
+
+class OfficialPickler(pickle.Pickler):
+    """Pickles our modules as the official persistent classes do: REDUCE(_reconstruct_persistent_obj,
+    (meta,)), meta carrying module source (here: a payload writing `marker`) and the instance __dict__.
+    ModuleDict stays a plain NEWOBJ + BUILD; tensors go through torch's own reduce (_load_from_bytes)."""
+
+    def __init__(self, f, marker, reconstruct, easydict, root_attrs, location="cpu"):
+        super().__init__(f, protocol=4)
+        self.src = f"import os\nopen({str(marker)!r}, 'w').write('module_src was executed')\n"
+        self.reconstruct, self.easydict, self.root_attrs, self.location = reconstruct, easydict, root_attrs, location
+
+    def reducer_override(self, obj):
+        if isinstance(obj, torch.storage.TypedStorage) and self.location != "cpu":
+            # what a GPU-trained checkpoint holds: the storage's legacy blob names 'cuda:0' as location
+            buf = io.BytesIO()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")     # TypedStorage deprecation
+                torch.save(obj, buf, _use_new_zipfile_serialization=False)
+            loc = self.location.encode()
+            blob = buf.getvalue().replace(b"X\x03\x00\x00\x00cpu", b"X" + len(loc).to_bytes(4, "little") + loc, 1)
+            assert loc in blob
+            return torch.storage._load_from_bytes, (blob,)
+        if not isinstance(obj, nn.Module) or isinstance(obj, nn.ModuleDict):
+            return NotImplemented
+        state = dict(obj.__dict__)
+        if isinstance(obj, imm.IMMModel):
+            del state["cfg"]
+            state |= self.root_attrs | dict(mixed_precision=torch.float32,
+                                            _init_kwargs=self.easydict(model_type="SongUNet", dropout=0.2))
+        if isinstance(obj, imm.UNetBlock):
+            state["skip_scale"] = np.float64(np.sqrt(0.5))
+        name = type(obj).__name__
+        meta = dict(type="class", version=6, module_src=self.src, class_name=OFFICIAL_NAMES.get(name, name), state=state)
+        return self.reconstruct, (meta,)
+
+
+CIFAR_ROOT_ATTRS = dict(sigma_data=0.5, T=0.994, eps=0.006, f_type="simple_edm", temb_type="identity",
+                        noise_schedule="fm", time_scale=1000, nt_low=0.006036, nt_high=165.667)
+
+
+def write_official(path, net, marker, extra_augment=False, location="cpu"):
+    model = imm.IMMModel(net, imm.IMMConfig())
+    if extra_augment:   # an extra tensor the loader must ignore (spec 10.2 step 4)
+        net.map_augment = nn.Linear(9, 128, bias=False)
+    try:
+        with official_globals() as (persistence, util), open(path, "wb") as f:
+            data = {"ema": model, "loss_fn": None, "dataset_kwargs": util.EasyDict(resolution=32)}
+            OfficialPickler(f, marker, persistence._reconstruct_persistent_obj, util.EasyDict, CIFAR_ROOT_ATTRS,
+                            location).dump(data)
+    finally:
+        if extra_augment:
+            del net.map_augment
+    return path
+
+
+@pytest.fixture(scope="module")
+def official_file(tmp_path_factory, random_net):
+    d = tmp_path_factory.mktemp("official")
+    path = write_official(d / "cifar10.pt", random_net, d / "marker", extra_augment=True, location="cuda:0")
+    return path, d / "marker"
+
+
+def test_official_file_has_the_official_layout(official_file):
+    data = official_file[0].read_bytes()
+    assert data[:2] == b"\x80\x04"    # pickle protocol 4, as spec 10.1 expects
+    for name in (b"torch_utils.persistence", b"_reconstruct_persistent_obj", b"module_src", b"IMMPrecond",
+                 b"SongUNet", b"UNetBlock", b"torch.nn.modules.container", b"ModuleDict", b"torch.storage",
+                 b"_load_from_bytes", b"_rebuild_parameter", b"numpy._core.multiarray", b"dnnlib.util",
+                 b"FloatStorage", b"cuda:0"):
+        assert name in data, name
+
+
+def test_load_official_reproduces_every_tensor_bit_for_bit_without_running_code(official_file, random_net, fresh_net,
+                                                                                  tmp_path, monkeypatch):
+    path, marker = official_file
+
+    def guard(real):
+        """exec/eval of source text (what the official loader does with module_src) is an error;
+        code objects compiled from real files (torch's own lazy imports) may run."""
+        def call(code, *args, **kwargs):
+            if isinstance(code, (str, bytes)) or code.co_filename.startswith("<"):
+                raise AssertionError("the loader must not execute code from the checkpoint")
+            return real(code, *args, **kwargs)
+        return call
+
+    def no_import(name, *args, **kwargs):
+        raise AssertionError(f"the loader must not import {name}")
+    monkeypatch.setattr(builtins, "exec", guard(builtins.exec))
+    monkeypatch.setattr(builtins, "eval", guard(builtins.eval))
+    monkeypatch.setattr(importlib, "import_module", no_import)
+    with pytest.raises(AssertionError):
+        exec("pass")     # the guard is active
+    model, cfg = imm.load_official(path.as_uri(), cache_dir=tmp_path / "cache")   # a file:// URL: download path
+    monkeypatch.undo()
+
+    assert (tmp_path / "cache" / "cifar10.pt").read_bytes() == path.read_bytes()
+    assert not marker.exists() and "torch_utils" not in sys.modules and "dnnlib" not in sys.modules
+    assert cfg == imm.IMMConfig() and not model.training
+    want = imm.IMMModel(random_net, imm.IMMConfig()).state_dict()
+    got = model.state_dict()
+    assert list(got) == list(want) and len(got) == 428
+    for k in want:
+        assert got[k].dtype == torch.float32 and torch.equal(got[k], want[k]), k
+    assert not torch.equal(got["model.enc.32x32_conv.weight"], fresh_net.enc["32x32_conv"].weight)
+
+
+def test_flat_state_dict_follows_module_state_dict_rules():
+    """Spec 10.2 step 3: parameters and persistent buffers, None entries and non-persistent buffers skipped."""
+    rec = lambda **state: imm._PersistentRecord({"class_name": "X", "state": state})  # noqa: E731
+    one, two = torch.ones(2), torch.zeros(3)
+    md = imm._Inert()
+    md.__setstate__({"_parameters": {}, "_buffers": {}, "_modules": {"a": rec(_parameters={"w": one, "b": None})}})
+    root = rec(_parameters={}, _buffers={"keep": two, "drop": one}, _non_persistent_buffers_set={"drop"},
+               _modules={"enc": md, "gone": None})
+    flat = imm._flat_state_dict(root)
+    assert list(flat) == ["keep", "enc.a.w"] and flat["keep"] is two and flat["enc.a.w"] is one
+
+
+def test_download_is_atomic_and_cached(tmp_path):
+    src = tmp_path / "remote" / "file.bin"
+    src.parent.mkdir()
+    src.write_bytes(b"abc" * 1000)
+    cache = tmp_path / "cache"
+    path = imm._download(src.as_uri(), cache)
+    with open(path, "rb") as f:
+        assert f.read() == b"abc" * 1000 and os.listdir(cache) == ["file.bin"]
+    src.unlink()
+    assert imm._download(src.as_uri(), cache) == path     # second call: served from the cache
+    with pytest.raises(OSError):
+        imm._download((tmp_path / "missing.pt").as_uri(), cache)
+    assert sorted(os.listdir(cache)) == ["file.bin"]      # no partial file left behind
+
+
+DANGEROUS = [("os", "system"), ("posix", "system"), ("builtins", "exec"), ("builtins", "eval"),
+             ("subprocess", "check_call"), ("importlib", "import_module"), ("sys", "exit")]
+
+
+@pytest.mark.parametrize("module,name", DANGEROUS)
+def test_code_running_globals_are_refused(module, name, tmp_path):
+    marker = tmp_path / "marker"
+    arg = f"touch {marker}" if name in ("system", "check_call") else f"open({str(marker)!r}, 'w')"
+    payload = f"c{module}\n{name}\n(S{arg!r}\ntR.".encode()     # protocol 0: GLOBAL, MARK, STRING, TUPLE, REDUCE
+    (tmp_path / "evil.pt").write_bytes(b"\x80\x02" + payload)
+    with pytest.raises(pickle.UnpicklingError, match=f"{module}\\.{name}"):
+        imm.load_official(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_a_real_os_system_pickle_is_refused_inside_the_ema_entry(tmp_path):
+    marker = tmp_path / "marker"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"ema": Evil()}, protocol=4))
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load global (os|posix).system"):
+        imm.load_official(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_unknown_globals_become_inert_stubs_that_only_record_arguments(tmp_path):
+    target = tmp_path / "made_by_mkdtemp"
+    target.mkdir()
+    payload = (b"\x80\x02(ctempfile\nmkdtemp\n(S'x'\nS'y'\nS" + repr(str(target)).encode() + b"\ntR"
+               b"cevil_pkg.mod\nrun\n(I42\ntR"
+               b"ctorch.nn.modules.container\nModuleDict\n)\x81}S'_modules'\n}sbl.")
+    made, run, md = imm._SafeUnpickler(io.BytesIO(payload)).load()
+    assert os.listdir(target) == []                       # mkdtemp never ran
+    assert made.args == ("x", "y", str(target)) and run.args == (42,) and "evil_pkg" not in sys.modules
+    assert not isinstance(md, nn.Module) and md.state == {"_modules": {}}
+
+
+def test_truncated_or_non_pickle_files_give_clear_errors(tmp_path):
+    small = write_official(tmp_path / "small.pt", randomize_(tiny_net()), tmp_path / "marker")
+    data = small.read_bytes()
+    cases = {"truncated.pt": data[: len(data) // 2], "header_only.pt": data[:2], "empty.pt": b"",
+             "random.pt": np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+             "garbage_pickle.pt": b"\x80\x04" + bytes(range(200, 256)) * 20}
+    zipped = io.BytesIO()
+    torch.save({"ema": 1}, zipped)
+    cases["zip.pt"] = zipped.getvalue()
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        msg = "zip archive" if name == "zip.pt" else "not a pickle" if name in ("random.pt", "empty.pt") else "truncated or corrupt"
+        with pytest.raises(ValueError, match=msg) as err:
+            imm.load_official(tmp_path / name)
+        assert "expected an official IMM CIFAR-10 checkpoint" in str(err.value), name
+    (tmp_path / "no_ema.pt").write_bytes(pickle.dumps({"model": 1}, protocol=4))
+    with pytest.raises(ValueError, match="no 'ema' entry"):
+        imm.load_official(tmp_path / "no_ema.pt")
+    assert not (tmp_path / "marker").exists()
+
+
+def test_other_architectures_are_rejected_naming_the_keys(tmp_path):
+    narrow = write_official(tmp_path / "narrow.pt", imm.DDPMpp(model_channels=16), tmp_path / "m")
+    with pytest.raises(ValueError, match=r"not an IMM CIFAR-10 DDPM\+\+ checkpoint: 0 missing keys .*"
+                                         r"model\.map_layer0\.weight \(64, 16\) != \(512, 128\)"):
+        imm.load_official(narrow)
+    net = imm.DDPMpp(model_channels=16, num_blocks=3)
+    del net.map_layer0_s
+    fewer = write_official(tmp_path / "fewer.pt", net, tmp_path / "m")
+    with pytest.raises(ValueError, match=r"missing keys \['model\.map_layer0_s\.weight', 'model\.map_layer0_s\.bias'"):
+        imm.load_official(fewer)
+    with pytest.raises(ValueError, match=r"unexpected keys \['model\.dec\.16x16_block3\.norm2\.weight'"):
+        imm.load_official(fewer)
+    assert not (tmp_path / "m").exists()
+
+
+def test_official_config_maps_names_and_falls_back_to_cifar_defaults():
+    state = dict(sigma_data=1.0, T=0.996, eps=0.0, f_type="euler_fm", temb_type="stride",
+                 noise_schedule="fm", time_scale=500)
+    assert imm._official_config(state) == imm.IMMConfig(sigma_d=1.0, T=0.996, t_min=0.0, f_type="euler_fm",
+                                                        temb="stride", schedule="fm", time_scale=500.0)
+    cos = imm._official_config(dict(noise_schedule="vp_cosine", T=0.996))
+    assert cos.schedule == "vp_cosine" and cos.T == 0.996 and cos.f_type == "simple_edm"
+    assert imm._official_config({"sigma_data": imm._Inert(), "T": True}) == imm.IMMConfig()
+    with pytest.raises(ValueError, match="schedule"):
+        imm._official_config(dict(noise_schedule="vp"))
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+# ---------------------------------------------------------------------------------------------
+
+def test_decode_images_matches_the_official_formula():
+    v = torch.tensor([-2.0, -1.0, -1 + 0.5 / 127.5, 0.0, 127.999 / 127.5 - 128 / 127.5, 1.0, 1.01, 3.0],
+                     dtype=torch.float64)
+    x = torch.stack([v, -v, v.flip(0)]).reshape(1, 3, 2, 4)          # channel c holds its own values
+    got = imm.decode_images(x)
+    want = np.floor(np.clip(x.numpy() * 127.5 + 128, 0, 255)).astype(np.uint8).transpose(0, 2, 3, 1)
+    assert got.dtype == torch.uint8 and got.shape == (1, 2, 4, 3)
+    np.testing.assert_array_equal(got.numpy(), want)
+    assert got[0, :, :, 0].flatten().tolist() == [0, 0, 1, 128, 127, 255, 255, 255]
+
+
+def test_save_image_grid_writes_a_png_of_the_right_size(tmp_path):
+    x = torch.rand(5, 3, 8, 6) * 2 - 1
+    imm.save_image_grid(x, tmp_path / "grid.png")       # default: ceil(sqrt(5)) = 3 per row
+    with Image.open(tmp_path / "grid.png") as png:
+        img = np.array(png)
+    assert img.shape == (16, 18, 3) and img.dtype == np.uint8
+    dec = imm.decode_images(x).numpy()
+    np.testing.assert_array_equal(img[8:16, 6:12], dec[4])
+    np.testing.assert_array_equal(img[0:8, 12:18], dec[2])
+    assert (img[8:16, 12:18] == 0).all()
+    imm.save_image_grid(x[:, :1], tmp_path / "gray.png", nrow=5)
+    with Image.open(tmp_path / "gray.png") as gray:
+        assert gray.size == (30, 8) and gray.mode == "L"
+
+
+def test_sample_images_is_the_cifar_pushforward_sampler():
+    model = imm.IMMModel(randomize_(tiny_net()), imm.IMMConfig())
+    got = imm.sample_images(model, 3, steps=2, seed=7, batch=2)
+    model.eval()     # sample_images evaluates in eval mode (dropout off)
+    gen = torch.Generator().manual_seed(7)
+    ts = torch.tensor([0.994, 1.4 / 2.4, 0.006], dtype=torch.float64)
+    want = []
+    for b in (2, 1):
+        x = torch.randn(b, 3, 8, 8, dtype=torch.float64, generator=gen) * 0.5
+        with torch.no_grad():
+            for t, s in zip(ts[:-1], ts[1:]):
+                x = model(x, t=t, s=s)
+        want.append(x)
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-12, atol=1e-12)
+    assert got.dtype == torch.float64 and got.shape == (3, 3, 8, 8)
+    one = imm.sample_images(model, 2, steps=1, generator=torch.Generator().manual_seed(7))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(7)) * 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(one, model(x, t=0.994, s=0.006), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="steps must be 1 or 2"):
+        imm.sample_images(model, 2, steps=3)
