@@ -926,9 +926,9 @@ def sample_2d(model, n, n_steps, seed=0, kind="uniform"):
 def main():
     p = argparse.ArgumentParser(description="IMM vs flow matching on 2D data (CPU, about a minute).")
     p.add_argument("--data", default="checkerboard", choices=["checkerboard", "gaussians"])
-    p.add_argument("--steps", type=int, default=3000, help="training steps for each method")
-    p.add_argument("--batch", type=int, default=1024, help="training batch (a multiple of M=4)")
-    p.add_argument("--n-eval", type=int, default=20000, help="samples for the sliced Wasserstein distance")
+    p.add_argument("--steps", type=int, default=2000, help="training steps for each method")
+    p.add_argument("--batch", type=int, default=512, help="training batch (a multiple of M=4)")
+    p.add_argument("--n-eval", type=int, default=10000, help="samples for the sliced Wasserstein distance")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="imm_2d.png", help="where to write the figure")
     args = p.parse_args()
@@ -961,13 +961,13 @@ def main():
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, 5, figsize=(15, 6.4), sharex=True, sharey=True)
     show = 5000
-    for row, method, name in ((0, "imm", "IMM"), (1, "fm", "Flow matching")):
+    for row, method, name in ((0, "imm", "IMM"), (1, "fm", "FM")):
         axes[row, 0].scatter(*ref[:show].T, s=1, c="#000000")
         axes[row, 0].set_title("data")
         for col, n in enumerate((1, 2, 4, 8), start=1):
             axes[row, col].scatter(*samples[method, n][:show].T, s=1, c="#0072B2" if row == 0 else "#D55E00")
             axes[row, col].set_title(f"{name}, {n} step{'s' * (n > 1)}: SW2 {results[method, n]:.3f}")
-        axes[row, 0].set_ylabel(name)
+        axes[row, 0].set_ylabel("IMM" if row == 0 else "flow matching (FM)")
     for ax in axes.flat:
         ax.set_aspect("equal")
         ax.set_xlim(-2.6, 2.6)
