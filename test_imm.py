@@ -5,6 +5,7 @@ import contextlib
 import copy
 import importlib
 import io
+import json
 import math
 import mimetypes  # noqa: F401  (urllib's file:// handler imports it lazily; import it before exec is patched)
 import os
@@ -12,7 +13,9 @@ import pickle
 import subprocess
 import sys
 import types
+import urllib.error
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import imm
+import train_cifar
 from imm import IMMConfig, IMMModel
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -989,3 +993,277 @@ def test_sample_images_is_the_cifar_pushforward_sampler():
         torch.testing.assert_close(one, model(x, t=0.994, s=0.006), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="steps must be 1 or 2"):
         imm.sample_images(model, 2, steps=3)
+
+
+# ============================================================================= train_cifar.py
+
+SCRIPT_DIR = Path(HERE)
+TINY_NET = ["--channels", "16", "--channel-mult", "1,1", "--num-blocks", "1", "--attn", "16",
+            "--batch", "8", "--log-every", "1", "--grid-every", "0"]
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def train_tiny(run_dir, *extra):
+    train_cifar.main(TINY_NET + ["--fake-data", "--run-dir", str(run_dir), *extra])
+
+
+def read_log(run_dir):
+    return [json.loads(line) for line in open(Path(run_dir) / "log.jsonl")]
+
+
+def load_ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP: two gloo processes optimise exactly what one process with the same global batch does
+# ---------------------------------------------------------------------------------------------
+
+def test_two_process_ddp_matches_one_process_with_accumulation(tmp_path):
+    common = ["--dropout", "0", "--max-steps", "3"]   # dropout masks are per rank, so switch them off
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SCRIPT_DIR))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           str(SCRIPT_DIR / "train_cifar.py"), *TINY_NET, "--fake-data", "--run-dir", str(tmp_path / "ddp"),
+           *common]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout and "batch 8 = 2 x 1 x 4" in proc.stdout
+    train_tiny(tmp_path / "one", *common, "--batch-gpu", "4")  # one process, two micro-batches of 4
+
+    ddp, one = read_log(tmp_path / "ddp"), read_log(tmp_path / "one")
+    assert [r["step"] for r in ddp] == [1, 2, 3] and {"kimg", "img_s", "mfu", "mem_gb", "eta_h"} <= set(ddp[0])
+    # the same sums in another order: float noise at most (measured: bit-identical with 2 ranks, on CPU/gloo
+    # and on 2 GPUs/NCCL, since halving is exact); rtol leaves room for other rank counts
+    np.testing.assert_allclose([r["loss"] for r in ddp], [r["loss"] for r in one], rtol=1e-5)
+    a, b = load_ckpt(tmp_path / "ddp" / "ckpt.pt"), load_ckpt(tmp_path / "one" / "ckpt.pt")
+    assert a["step"] == b["step"] == 3
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: resuming gives the losses of an uninterrupted run
+# ---------------------------------------------------------------------------------------------
+
+def test_resume_continues_exactly(tmp_path):
+    train_tiny(tmp_path / "full", "--max-steps", "4")                          # dropout 0.2 stays on
+    train_tiny(tmp_path / "part", "--max-steps", "2", "--ckpt-every", "2")
+    assert load_ckpt(tmp_path / "part" / "ckpt.pt")["step"] == 2
+    train_cifar.main(TINY_NET + ["--fake-data", "--resume", str(tmp_path / "part"), "--max-steps", "4"])
+    full, part = read_log(tmp_path / "full"), read_log(tmp_path / "part")
+    assert [r["step"] for r in part] == [1, 2, 3, 4]
+    assert [r["loss"] for r in part] == [r["loss"] for r in full]     # bit for bit on CPU
+    a, b = load_ckpt(tmp_path / "full" / "ckpt.pt"), load_ckpt(tmp_path / "part" / "ckpt.pt")
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+
+
+def test_resume_auto_finds_the_run_folder(tmp_path):
+    train_tiny(tmp_path, "--max-steps", "1")
+    train_tiny(tmp_path, "--max-steps", "2", "--resume", "auto")
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: the CIFAR-10 python format, image folders, and clear errors for everything else
+# ---------------------------------------------------------------------------------------------
+
+def write_cifar_python(folder, n_per_batch=2, seed=0):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    batches = []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": [0] * n_per_batch, b"batch_label": name.encode()}, f)
+        batches.append(data)
+    return np.concatenate(batches[:5]).reshape(-1, 3, 32, 32)   # rows are R(1024) G(1024) B(1024)
+
+
+def write_pngs(folder, images):
+    from PIL import Image
+    for i, im in enumerate(images):
+        (folder / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(folder / f"class{i % 2}" / f"{i:03d}.png")
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar_python(folder)
+    with open(folder / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": os.system}, f)
+    with pytest.raises(SystemExit, match="posix.system|os.system|unexpected global"):
+        train_cifar.load_cifar_python(str(folder))
+
+
+def test_cifar_python_folder_loads_train_batches_only(tmp_path, capsys):
+    expected = write_cifar_python(tmp_path / "cifar-10-batches-py")
+    for where in (tmp_path, tmp_path / "cifar-10-batches-py"):   # the root or the folder itself
+        data = train_cifar.load_dataset(str(where), download=False)
+        assert data.dtype == torch.uint8 and data.shape == (10, 3, 32, 32)
+        assert torch.equal(data, torch.from_numpy(expected))
+    train_cifar.main(TINY_NET + ["--data-dir", str(tmp_path), "--run-dir", str(tmp_path / "run"),
+                                 "--max-steps", "1"])
+    assert ", 10 images," in capsys.readouterr().out and read_log(tmp_path / "run")[0]["step"] == 1
+
+
+def test_image_folder_loads_pngs_in_class_subfolders(tmp_path):
+    images = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    write_pngs(tmp_path, images)
+    data = train_cifar.load_dataset(str(tmp_path), download=False)
+    order = [0, 2, 4, 1, 3]                                          # sorted paths: class0/*, then class1/*
+    assert torch.equal(data, torch.from_numpy(images[order]).permute(0, 3, 1, 2))
+
+
+def test_bad_data_gives_one_clear_error(tmp_path, monkeypatch):
+    def error(path, download=False):
+        with pytest.raises(SystemExit) as e:
+            train_cifar.load_dataset(str(path), download=download)
+        return str(e.value)
+
+    assert "no training data in" in error(tmp_path / "missing")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("hello")
+    assert "no training data in" in error(tmp_path / "junk", download=True)   # never downloads into a full folder
+
+    import torchvision
+    def offline(*a, **k):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    msg = error(tmp_path / "new", download=True)
+    assert "could not download CIFAR-10" in msg and "cifar-10-python.tar.gz" in msg
+
+    small = np.zeros((1, 16, 16, 3), dtype=np.uint8)
+    write_pngs(tmp_path / "small", small)
+    assert "is 16x16; this script trains on 32x32 images" in error(tmp_path / "small")
+
+    write_cifar_python(tmp_path / "partial")
+    (tmp_path / "partial" / "data_batch_3").unlink()
+    assert "missing data_batch_3" in error(tmp_path / "partial")
+    write_cifar_python(tmp_path / "broken")
+    (tmp_path / "broken" / "data_batch_2").write_bytes(b"not a pickle")
+    assert "is not a CIFAR-10 python batch" in error(tmp_path / "broken")
+
+    with pytest.raises(SystemExit, match="no training data"):     # from the command line: a message, no traceback
+        train_cifar.main(TINY_NET + ["--data-dir", str(tmp_path / "missing"), "--no-download",
+                                     "--run-dir", str(tmp_path / "r")])
+
+
+def test_impossible_batch_options_fail_before_training(tmp_path):
+    for extra, message in [(["--batch", "10"], "not a multiple of M=4"),
+                           (["--batch-gpu", "3"], "does not divide the per-process batch 8"),
+                           (["--batch", "12", "--batch-gpu", "6"], "not a multiple of M=4"),
+                           (["--sample"], "need a model")]:
+        with pytest.raises(SystemExit, match=message):
+            train_cifar.main(TINY_NET + ["--fake-data", "--run-dir", str(tmp_path)] + extra)
+
+
+def test_help_explains_every_option():
+    parser = train_cifar.get_parser()
+    for action in parser._actions:
+        assert action.help, f"{action.option_strings} has no help"
+    assert "989" in parser.format_help() and "494" in parser.format_help()
+
+
+# ---------------------------------------------------------------------------------------------
+# A non-finite loss or weights stop training and leave the last good checkpoint untouched
+# ---------------------------------------------------------------------------------------------
+
+class NaNGrad(torch.autograd.Function):
+    """Identity forward, NaN gradient: a finite loss whose update ruins the weights."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_non_finite_stops_training_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, poison):
+    calls, real_loss = [], train_cifar.imm_loss
+
+    def imm_loss(model, x, cfg, **kw):
+        loss, stats = real_loss(model, x, cfg, **kw)
+        calls.append(1)
+        if len(calls) >= 2:   # the first call counts FLOPs; the second is step 3 of the resumed run
+            loss = loss * float("nan") if poison == "loss" else NaNGrad.apply(loss)
+        return loss, stats
+
+    train_tiny(tmp_path, "--max-steps", "2", "--ckpt-every", "2")
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    monkeypatch.setattr(train_cifar, "imm_loss", imm_loss)
+    # a NaN loss is caught at the next loss check; a finite loss with NaN gradients by the weight check
+    # that precedes every checkpoint (here no loss check comes first: --log-every 10)
+    extra = ["--ckpt-every", "2"] if poison == "loss" else ["--ckpt-every", "1", "--log-every", "10"]
+    with pytest.raises(SystemExit) as e:
+        train_tiny(tmp_path, "--max-steps", "6", "--resume", "auto", *extra)
+    expected = "loss is nan within steps 3..3" if poison == "loss" else "weights became non-finite by step 3"
+    assert expected in str(e.value) and f"the last good checkpoint is {tmp_path / 'ckpt.pt'}" in str(e.value)
+    assert (tmp_path / "ckpt.pt").read_bytes() == good
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: sample grids, and FID that refuses to run without its Inception weights
+# ---------------------------------------------------------------------------------------------
+
+def test_sample_mode_writes_one_and_two_step_grids(tmp_path):
+    train_tiny(tmp_path, "--max-steps", "1")
+    train_cifar.main(TINY_NET + ["--sample", "--ckpt", str(tmp_path / "ckpt.pt"), "--n-grid", "4"])
+    assert (tmp_path / "samples_1step.png").exists() and (tmp_path / "samples_2step.png").exists()
+
+
+def test_fid_samples_do_not_depend_on_how_batches_are_shared(tmp_path):
+    train_tiny(tmp_path, "--max-steps", "1")
+    model = train_cifar.model_from_checkpoint(load_ckpt(tmp_path / "ckpt.pt"))
+    whole = train_cifar.generate(model, 5, 2, seed=3, device=torch.device("cpu"), batch=2)
+    parts = [train_cifar.generate(model, 5, 2, seed=3, device=torch.device("cpu"), batch=2, batch_ids=[b])
+             for b in (0, 1, 2)]
+    assert whole.shape == (5, 32, 32, 3) and whole.dtype == torch.uint8
+    assert torch.equal(whole, torch.cat(parts))
+
+
+def test_fid_mode_prints_each_number_with_its_protocol(tmp_path, monkeypatch, capsys):
+    write_cifar_python(tmp_path / "data" / "cifar-10-batches-py")
+    train_tiny(tmp_path, "--max-steps", "1")
+    seen = []
+    monkeypatch.setattr(train_cifar, "fid_setup", lambda: None)
+    monkeypatch.setattr(train_cifar, "compute_fid", lambda fake, real, device: seen.append((fake, real)) or
+                        (1.5, f"protocol: {len(fake)} vs {len(real)}"))
+    train_cifar.main(TINY_NET + ["--fid", "--ckpt", str(tmp_path / "ckpt.pt"), "--data-dir", str(tmp_path / "data"),
+                                 "--fid-n", "5", "--fid-batch", "2"])
+    assert [tuple(f.shape) for f, _ in seen] == [(5, 32, 32, 3)] * 2 and len(seen[0][1]) == 10
+    assert not torch.equal(seen[0][0], seen[1][0])                       # 1 step, then 2 steps
+    lines = ["1-step FID 1.500  [protocol: 5 vs 10]", "2-step FID 1.500  [protocol: 5 vs 10]"]
+    assert (tmp_path / "fid.txt").read_text().splitlines() == lines and lines[1] in capsys.readouterr().out
+
+
+def test_fid_without_internet_names_the_file_and_where_to_put_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(train_cifar, "generate", lambda *a, **k: pytest.fail("sampled before checking FID"))
+    with pytest.raises(SystemExit) as e:   # checked first: before the data, the checkpoint and any sample
+        train_cifar.main(TINY_NET + ["--fid", "--ckpt", str(tmp_path / "ckpt.pt"),
+                                     "--data-dir", str(tmp_path / "nodata")])
+    try:
+        import torch_fidelity.feature_extractor_inceptionv3 as inception
+    except ImportError:   # without the library the message says how to install it
+        assert "pip install torch-fidelity" in str(e.value)
+        return
+    place = tmp_path / "torch_home" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
+    assert inception.URL_INCEPTION_V3 in str(e.value) and f"place it at {place}" in str(e.value)
+
+
+def test_unreadable_official_checkpoint_gives_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="cannot load the official checkpoint"):
+        train_cifar.main(["--sample", "--official", str(tmp_path / "missing.pkl"), "--run-dir", str(tmp_path)])

@@ -1,0 +1,563 @@
+"""Train the DDPM++ IMM model on CIFAR-10 (paper Table 5, App. I.1; spec 7.1 with the decisions of 0a),
+then look at it (--sample) and measure it (--fid).
+
+  python train_cifar.py                                   # one process, GPU or CPU
+  torchrun --nproc_per_node=8 train_cifar.py              # DDP on 8 GPUs (several nodes: torchrun's rendezvous)
+  python train_cifar.py --sample --ckpt runs/X/ckpt.pt    # 1- and 2-step grids of the EMA model
+  torchrun --nproc_per_node=8 train_cifar.py --fid --official   # FID-50k of the released checkpoint
+
+Randomness: every random choice of step n (data indices, x-flips, times, noise) is drawn from a generator
+seeded by (seed, n), identically on every rank, and each rank takes its slice of the global batch. So a
+checkpoint needs no RNG state, resuming is exact, and 1 or N GPUs with the same global batch optimise the
+same loss up to float rounding. Dropout masks are seeded by (seed, n, rank): with dropout > 0, runs on
+different numbers of GPUs draw different (equally valid) masks.
+"""
+import argparse
+import copy
+import datetime
+import glob
+import hashlib
+import json
+import math
+import os
+import pickle
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from imm import (DDPMpp, IMMConfig, IMMModel, OFFICIAL_CIFAR10_URL, Times, decode_images, ema_update, imm_loss,
+                 load_official, sample_images, sample_times, save_image_grid)
+
+# -----------------------------------------------------------------------------------------------
+# Config: the paper's CIFAR-10 recipe as defaults; every value can be changed from the command line
+# -----------------------------------------------------------------------------------------------
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):   # show defaults, except empty ones
+    def _get_help_string(self, action):
+        return action.help if action.default in ("", None, False) else super()._get_help_string(action)
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    a = p.add_argument
+    # what to do (default: train)
+    a("--sample", action="store_true", help="write 1- and 2-step EMA sample grids of --ckpt or --official, then exit")
+    a("--fid", action="store_true", help="FID of 1- and 2-step EMA samples vs CIFAR-10 train, then exit")
+    # data
+    a("--data-dir", default="./data",
+      help="CIFAR-10 root (holds cifar-10-batches-py), that folder itself, or a folder of 32x32 images")
+    a("--download", action=argparse.BooleanOptionalAction, default=True,
+      help="download CIFAR-10 into --data-dir if that folder is new or empty")
+    a("--fake-data", action="store_true", help="random images instead of a dataset: smoke tests and benchmarks only")
+    a("--xflip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips (the paper's)")
+    # network: DDPM++ (spec 4.1); small values give the tiny networks of the tests
+    a("--channels", type=int, default=128, help="DDPM++ base channels (model_channels)")
+    a("--channel-mult", default="2,2,2", help="channel multiplier per resolution, comma separated")
+    a("--num-blocks", type=int, default=4, help="residual blocks per resolution")
+    a("--attn", default="16", help="resolutions with self-attention, comma separated ('' for none)")
+    a("--dropout", type=float, default=0.2, help="dropout inside the residual blocks")
+    # IMM (other settings are imm.IMMConfig's CIFAR defaults)
+    a("--M", type=int, default=4, help="particles per group of the MMD estimate; micro-batches are multiples of it")
+    a("--k", type=int, default=15, help="r(s,t) step: delta eta = (eta(T) - eta(t_min)) / 2^k")
+    # optimisation
+    a("--batch", type=int, default=4096, help="global batch, split evenly over the processes")
+    a("--batch-gpu", type=int, default=0,
+      help="micro-batch per process (0 = batch / processes); smaller means gradient accumulation")
+    a("--lr", type=float, default=1e-4, help="RAdam learning rate (constant after warmup)")
+    a("--warmup-kimg", type=float, default=0, help="linear LR warmup over this many thousand images (0 = none)")
+    a("--ema", type=float, default=0.9999, help="EMA decay per optimiser step (the EMA is used for samples only)")
+    a("--max-steps", type=int, default=400_000, help="stop after this many optimiser steps")
+    a("--max-kimg", type=float, default=0, help="also stop after this many thousand images (0 = no limit)")
+    a("--precision", choices=["bf16", "fp32"], default="bf16",
+      help="bf16 autocast with fp32 master weights, or fp32 with TF32 matmuls (CPU: always fp32)")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--seed", type=int, default=0, help="seed of the initialisation and of all random draws")
+    a("--device", default="auto", help="'auto' (cuda:LOCAL_RANK if there is a GPU, else cpu), 'cuda' or 'cpu'")
+    # logging and checkpoints
+    a("--run-dir", default="",
+      help="folder for logs, grids and checkpoints (default: runs/<date-time>, or the resumed run's folder)")
+    a("--resume", default="",
+      help="checkpoint file or run folder to continue from, or 'auto' (--run-dir's ckpt.pt, else the newest "
+           "runs/*/ckpt.pt; none found: start afresh); the network, IMM settings and seed come from it")
+    a("--log-every", type=int, default=100, help="print and append to log.jsonl every this many steps "
+                                                 "(also checks that the loss is finite)")
+    a("--ckpt-every", type=int, default=10_000, help="write ckpt.pt every this many steps (0 = only at the end)")
+    a("--grid-every", type=int, default=10_000, help="save 1- and 2-step EMA sample grids this often (0 = never)")
+    a("--peak-tflops", type=float, default=0,
+      help="peak TFLOP/s per GPU for MFU; 0 = H100 SXM dense: 989 for bf16, 494 for fp32 (TF32)")
+    # evaluation
+    a("--ckpt", default="", help="checkpoint for --sample/--fid (default: --resume)")
+    a("--official", nargs="?", const=OFFICIAL_CIFAR10_URL, default=None, metavar="PATH|URL",
+      help="use the official released checkpoint for --sample/--fid (no value: download it)")
+    a("--n-grid", type=int, default=64, help="images per sample grid")
+    a("--fid-n", type=int, default=50_000, help="generated images per FID")
+    a("--fid-batch", type=int, default=500, help="images per sampling batch in --fid (each seeded by its index)")
+    return p
+
+
+def check_args(args, world):
+    """Impossible combinations end the run here, before any data or model is touched."""
+    for name in ("batch", "M", "log_every", "n_grid", "fid_n", "fid_batch"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+    if args.sample or args.fid:
+        if args.sample and args.fid:
+            raise SystemExit("choose one of --sample and --fid")
+        if not (args.official or args.ckpt or args.resume):
+            raise SystemExit("--sample and --fid need a model: --ckpt PATH or --official [PATH|URL]")
+        if args.fid and args.fake_data:
+            raise SystemExit("--fid compares with real CIFAR-10 and cannot use --fake-data")
+        return None, None
+    if args.batch % world:
+        raise SystemExit(f"--batch {args.batch} is not divisible by the {world} processes")
+    per_rank = args.batch // world
+    batch_gpu = args.batch_gpu or per_rank
+    if per_rank % batch_gpu:
+        raise SystemExit(f"--batch-gpu {batch_gpu} does not divide the per-process batch {per_rank} "
+                         f"(= {args.batch} / {world})")
+    if batch_gpu % args.M:
+        raise SystemExit(f"the per-GPU micro-batch {batch_gpu} is not a multiple of M={args.M}: groups of M particles "
+                         f"must not straddle GPUs (set --batch/--batch-gpu to multiples of {args.M})")
+    return per_rank, batch_gpu
+
+
+def net_kwargs(args):
+    ints = lambda s: tuple(int(v) for v in s.split(",") if v.strip())
+    return dict(model_channels=args.channels, channel_mult=ints(args.channel_mult), num_blocks=args.num_blocks,
+                attn_resolutions=ints(args.attn), dropout=args.dropout)
+
+
+def step_seed(seed, step, slot=0):
+    """Seed of step `step`'s random draws. Slot 0: the data, times and noise shared by all ranks;
+    slot 1 + rank: that rank's dropout masks."""
+    return (seed * 1_000_003 + step) * 65_536 + slot
+
+
+# -----------------------------------------------------------------------------------------------
+# Data: the whole training set as one uint8 tensor [N, 3, 32, 32]; batches index it on the device
+# -----------------------------------------------------------------------------------------------
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """CIFAR-10 batches hold only dicts, lists, bytes and numpy arrays: any other global is refused,
+    so a tampered file cannot run code."""
+    allowed = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.allowed:
+            raise pickle.UnpicklingError(f"unexpected global {module}.{name} (a CIFAR-10 batch holds only arrays)")
+        return super().find_class(module, name)
+
+
+def load_cifar_python(folder):
+    """data_batch_1..5 of the CIFAR-10 python release: pickled dicts with b'data' uint8 [N, 3072]."""
+    parts = []
+    for i in range(1, 6):
+        path = os.path.join(folder, f"data_batch_{i}")
+        if not os.path.isfile(path):
+            raise SystemExit(f"{folder} is missing data_batch_{i}: delete the folder and run again to re-download "
+                             f"CIFAR-10, or place the complete cifar-10-batches-py there")
+        try:
+            with open(path, "rb") as f:
+                data = np.asarray(CifarUnpickler(f, encoding="bytes").load()[b"data"], dtype=np.uint8)
+            assert data.ndim == 2 and data.shape[1] == 3 * 32 * 32, f"b'data' has shape {data.shape}, not [N, 3072]"
+        except Exception as e:
+            raise SystemExit(f"{path} is not a CIFAR-10 python batch ({type(e).__name__}: {e}); "
+                             f"delete {folder} and run again to re-download it")
+        parts.append(torch.from_numpy(data.reshape(-1, 3, 32, 32)))
+    return torch.cat(parts)
+
+
+def load_image_folder(paths):
+    from PIL import Image
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im = np.asarray(im.convert("RGB"))
+        except Exception as e:
+            raise SystemExit(f"cannot read image {path} ({type(e).__name__}: {e})")
+        if im.shape[:2] != (32, 32):
+            raise SystemExit(f"{path} is {im.shape[1]}x{im.shape[0]}; this script trains on 32x32 images, "
+                             f"resize the folder first")
+        images.append(im)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def load_dataset(data_dir, download=True):
+    """CIFAR-10 train in the python format (downloaded with torchvision if absent) or a folder of 32x32 images
+    (flat or one subfolder per class; labels are ignored: the model is unconditional)."""
+    for folder in (os.path.join(data_dir, "cifar-10-batches-py"), data_dir):
+        if os.path.isfile(os.path.join(folder, "data_batch_1")):
+            return load_cifar_python(folder)
+    images = sorted(os.path.join(root, f) for root, _, files in os.walk(data_dir) for f in files
+                    if f.lower().endswith(IMAGE_EXTS))
+    if images:
+        return load_image_folder(images)
+    archive = os.path.join(data_dir, "cifar-10-python.tar.gz")
+    empty = not os.path.isdir(data_dir) or not os.listdir(data_dir)
+    if (download and empty) or os.path.isfile(archive):
+        import torchvision
+        try:
+            torchvision.datasets.CIFAR10(data_dir, train=True, download=True)
+        except Exception as e:
+            raise SystemExit(f"could not download CIFAR-10 into {data_dir} ({type(e).__name__}: {e}); on a machine "
+                             f"without internet, place cifar-10-python.tar.gz or the extracted cifar-10-batches-py "
+                             f"folder there")
+        return load_cifar_python(os.path.join(data_dir, "cifar-10-batches-py"))
+    raise SystemExit(f"no training data in {data_dir!r}: expected CIFAR-10 in the python format "
+                     f"({os.path.join(data_dir, 'cifar-10-batches-py')}/data_batch_1..5) or a folder of 32x32 images; "
+                     f"pass --data-dir, or an empty/new folder with --download on a machine with internet")
+
+
+def global_batch(step, seed, n_data, batch, cfg, xflip, device, img_shape=(3, 32, 32)):
+    """Step `step`'s random draws for the whole global batch, identical on every rank: data indices (uniform,
+    with replacement), x-flips, one (t, r, s) per group of M, and the noise (on the device: cheap even for 4096)."""
+    g = torch.Generator().manual_seed(step_seed(seed, step))
+    idx = torch.randint(n_data, (batch,), generator=g)
+    flip = torch.rand(batch, generator=g) < 0.5 if xflip else torch.zeros(batch, dtype=torch.bool)
+    times = sample_times(batch // cfg.M, cfg, generator=g)
+    g_dev = torch.Generator(device=device).manual_seed(step_seed(seed, step))
+    noise = torch.randn(batch, *img_shape, generator=g_dev, device=device) * cfg.sigma_d
+    return idx, flip, times, noise
+
+
+def micro_batches(data, draws, lo, batch_gpu, accum, M):
+    """This rank's `accum` micro-batches, global positions lo .. lo + accum * batch_gpu, as (x, noise, times)
+    with x in [-1, 1] (x / 127.5 - 1, spec 6.4)."""
+    idx, flip, times, noise = draws
+    for a in range(accum):
+        sl = slice(lo + a * batch_gpu, lo + (a + 1) * batch_gpu)
+        x = data[idx[sl].to(data.device)].float() / 127.5 - 1
+        x = torch.where(flip[sl].to(data.device)[:, None, None, None], x.flip(3), x)
+        yield x, noise[sl], Times(*(v[sl.start // M: sl.stop // M] for v in times))
+
+
+# -----------------------------------------------------------------------------------------------
+# One optimiser step (a function so that it can be timed on its own)
+# -----------------------------------------------------------------------------------------------
+
+def train_step(model, raw_model, ema, opt, batches, cfg, accum, ema_decay, autocast):
+    """Accumulate the gradient of mean_groups w * MMD^2 over the micro-batches (DDP averages the ranks:
+    equal-sized micro-batches make this the mean over all groups of the global batch), then RAdam and EMA."""
+    loss_sum = torch.zeros((), device=next(raw_model.parameters()).device)
+    for a, (x, noise, times) in enumerate(batches):
+        sync = a == accum - 1 or not isinstance(model, DDP)
+        with (nullcontext() if sync else model.no_sync()):
+            with autocast:
+                loss, _ = imm_loss(model, x, cfg, times=times, noise=noise)
+            (loss / accum).backward()
+        loss_sum += loss.detach()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    ema_update(ema, raw_model, ema_decay)
+    return loss_sum / accum
+
+
+def flops_per_image(net_cfg, cfg):
+    """FLOPs of one training image (grad forward + no-grad target forward + backward, about 4 forwards), counted
+    by FlopCounterMode on a weightless meta-device copy of the model: 169.5 GFLOPs for the CIFAR DDPM++."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        model, x = IMMModel(DDPMpp(**net_cfg), cfg), torch.zeros(cfg.M, 3, 32, 32)
+    with FlopCounterMode(display=False) as counter:
+        imm_loss(model, x, cfg, times=sample_times(1, cfg, device="meta"), noise=torch.zeros_like(x))[0].backward()
+    return counter.get_total_flops() / cfg.M
+
+
+# -----------------------------------------------------------------------------------------------
+# Checkpoints: plain tensors and Python data only, so torch.load(..., weights_only=True) reads them
+# -----------------------------------------------------------------------------------------------
+
+def save_checkpoint(path, state):
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a broken ckpt.pt
+
+
+def find_checkpoint(resume, run_dir):
+    if resume == "auto":
+        found = sorted(glob.glob(os.path.join(run_dir or "runs/*", "ckpt.pt")), key=os.path.getmtime)
+        return found[-1] if found else None
+    path = os.path.join(resume, "ckpt.pt") if os.path.isdir(resume) else resume
+    if not os.path.isfile(path):
+        raise SystemExit(f"no checkpoint at {path}")
+    return path
+
+
+def official_model(path_or_url):
+    try:
+        return load_official(path_or_url)[0]
+    except (OSError, ValueError, pickle.UnpicklingError) as e:   # offline, missing or not an official checkpoint
+        raise SystemExit(f"cannot load the official checkpoint {path_or_url} ({type(e).__name__}: {e}); offline, "
+                         f"download {OFFICIAL_CIFAR10_URL} elsewhere and pass --official PATH")
+
+
+def model_from_checkpoint(ckpt, which="ema"):
+    model = IMMModel(DDPMpp(**ckpt["net"]), IMMConfig(**ckpt["imm"]))
+    model.load_state_dict(ckpt[which])
+    return model
+
+
+# -----------------------------------------------------------------------------------------------
+# Evaluation: sample grids and FID (torch-fidelity, imported only here)
+# -----------------------------------------------------------------------------------------------
+
+def generate(model, n, steps, seed, device, batch=500, batch_ids=None):
+    """Samples as uint8 NHWC (pushforward; 2 steps go through eta = 1.4). Batch b is seeded by (seed, b), so
+    the images do not depend on how the batches are shared out over ranks; `batch_ids` picks the batches."""
+    out = [decode_images(sample_images(model, min(batch, n - b * batch), steps, seed=seed * 1_000_003 + b,
+                                       device=device, batch=batch))
+           for b in (range(math.ceil(n / batch)) if batch_ids is None else batch_ids)]
+    return torch.cat(out) if out else torch.zeros(0, 32, 32, 3, dtype=torch.uint8)
+
+
+def generate_sharded(model, n, steps, seed, device, batch, rank=0, world=1):
+    """All n samples on rank 0: rank r makes batches r, r + world, ..., and rank 0 puts them back in order."""
+    n_batches = math.ceil(n / batch)
+    x = generate(model, n, steps, seed, device, batch, range(rank, n_batches, world))
+    if world == 1:
+        return x
+    per = math.ceil(n_batches / world) * batch   # pad to one size for all_gather; only the last batch is short
+    x = torch.cat([x, x.new_zeros(per - len(x), *x.shape[1:])]).to(device)
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x)
+    chunks = [p.view(-1, batch, *x.shape[1:]).cpu() for p in parts]
+    return torch.cat([chunks[b % world][b // world] for b in range(n_batches)])[:n]
+
+
+def save_grids(model, out_dir, tag, n, device):
+    """1- and 2-step samples from the same prior noise (seed 0), as two PNG grids."""
+    paths = [os.path.join(out_dir, f"samples{tag}_{steps}step.png") for steps in (1, 2)]
+    for steps, path in zip((1, 2), paths):
+        save_image_grid(sample_images(model, n, steps, seed=0, device=device), path)
+    return paths
+
+
+def fid_setup():
+    """Import torch-fidelity and make sure its Inception weights are on disk, before any sample is drawn.
+    torch-fidelity fetches them with torch.hub into $TORCH_HOME/hub/checkpoints; offline that fails late and
+    obscurely, so try the download here and otherwise say exactly which file to place where."""
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    except ImportError:
+        raise SystemExit("--fid needs torch-fidelity: pip install torch-fidelity==0.4.0")
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
+    if not os.path.isfile(path):
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(URL_INCEPTION_V3, path, progress=False)
+        except Exception as e:
+            raise SystemExit(f"FID needs torch-fidelity's Inception weights and could not download them "
+                             f"({type(e).__name__}: {e}). On a machine with internet fetch {URL_INCEPTION_V3} "
+                             f"and place it at {path} (that is $TORCH_HOME/hub/checkpoints/"
+                             f"{os.path.basename(URL_INCEPTION_V3)})")
+    return path
+
+
+def compute_fid(fake, real, device):
+    """(FID, protocol) of uint8 NHWC samples against uint8 NCHW reference images; torch-fidelity caches the
+    reference statistics under a hash of the reference data."""
+    import torch_fidelity
+    class Images(torch.utils.data.Dataset):  # torch-fidelity reads uint8 [3, H, W] tensors
+        def __init__(self, x): self.x = x
+        def __len__(self): return len(self.x)
+        def __getitem__(self, i): return self.x[i]
+    ref_id = hashlib.sha1(real.numpy().tobytes()).hexdigest()[:12]
+    fid = torch_fidelity.calculate_metrics(
+        input1=Images(fake.permute(0, 3, 1, 2).contiguous()), input2=Images(real), fid=True, verbose=False,
+        cuda=device.type == "cuda", batch_size=250, save_cpu_ram=True,
+        input2_cache_name=f"imm-train-ref-{len(real)}-{ref_id}")["frechet_inception_distance"]
+    name = f"FID-{len(fake) // 1000}k" if len(fake) % 1000 == 0 else f"FID ({len(fake)} samples)"
+    return fid, (f"{name}: {len(fake)} EMA pushforward samples vs {len(real)} training images, torch-fidelity "
+                 f"{torch_fidelity.__version__} (Inception-v3 2015-12-05 TF weights, 2048-d pool features, "
+                 f"TF1 bilinear resize to 299), images decoded as clip(x * 127.5 + 128, 0, 255) uint8")
+
+
+# -----------------------------------------------------------------------------------------------
+# Main: DDP setup -> data -> model and optimiser -> training loop (or evaluation)
+# -----------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+
+    # DDP setup: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; a plain `python` run is rank 0 of 1
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    per_rank, batch_gpu = check_args(args, world)
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls (fp32 mode and the parts autocast keeps in fp32)
+        torch.backends.cudnn.allow_tf32 = True
+    if ddp:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30),
+                                device_id=device if use_cuda else None)
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+
+    def stop(message):   # every rank stops with the same clear message
+        if ddp:
+            dist.destroy_process_group()
+        raise SystemExit(message)
+
+    def rank0_first(fn, local=False):
+        """Rank 0 (with local=True: each node's local rank 0) runs fn first, e.g. to download, while the others
+        wait at a barrier; then the others run it. If it fails there, torchrun stops the waiting ranks."""
+        first = (local_rank if local else rank) == 0
+        if ddp and not first:
+            dist.barrier()
+        out = fn()
+        if ddp and first:
+            dist.barrier()
+        return out
+
+    # Evaluation modes
+    if args.sample or args.fid:
+        if args.fid:  # check everything FID needs before drawing 2 x 50k samples
+            rank0_first(fid_setup, local=True)
+            real = load_dataset(args.data_dir, args.download) if master else None
+        if args.official:
+            model = rank0_first(lambda: official_model(args.official), local=True)
+            out_dir = args.run_dir or "out"
+        else:
+            path = find_checkpoint(args.ckpt or args.resume, args.run_dir) or stop("--resume auto found no checkpoint")
+            model = model_from_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
+            out_dir = args.run_dir or os.path.dirname(path)
+        model = model.to(device).eval()
+        os.makedirs(out_dir, exist_ok=True)
+        if args.sample:
+            if master:
+                for p in save_grids(model, out_dir, "", args.n_grid, device):
+                    print(f"wrote {p}")
+        else:
+            for steps in (1, 2):
+                x = generate_sharded(model, args.fid_n, steps, args.seed, device, args.fid_batch, rank, world)
+                if master:
+                    fid, protocol = compute_fid(x, real, device)
+                    line = f"{steps}-step FID {fid:.3f}  [{protocol}]"
+                    print(line)
+                    with open(os.path.join(out_dir, "fid.txt"), "a") as f:
+                        f.write(line + "\n")
+        if ddp:
+            dist.destroy_process_group()
+        return
+
+    # Run folder (rank 0's clock names a new one) and the checkpoint to resume from
+    stamp = [time.strftime("%Y%m%d-%H%M%S")]
+    if ddp:
+        dist.broadcast_object_list(stamp, src=0)
+    ckpt_path = find_checkpoint(args.resume, args.run_dir) if args.resume else None
+    run_dir = args.run_dir or (os.path.dirname(ckpt_path) if ckpt_path else os.path.join("runs", stamp[0]))
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path else None
+
+    # Data: rank 0 downloads if needed while the others wait
+    if args.fake_data:
+        g = torch.Generator().manual_seed(args.seed)
+        data = torch.randint(0, 256, (2048, 3, 32, 32), dtype=torch.uint8, generator=g)
+    else:
+        data = rank0_first(lambda: load_dataset(args.data_dir, args.download), local=True)
+    data = data.to(device)
+
+    # Model, EMA and optimiser: fp32 master weights; the target pass uses the live weights (spec 0a)
+    net_cfg = ckpt["net"] if ckpt else net_kwargs(args)
+    cfg = IMMConfig(**ckpt["imm"]) if ckpt else IMMConfig(M=args.M, k=args.k)
+    seed = ckpt["args"]["seed"] if ckpt else args.seed
+    if batch_gpu % cfg.M:
+        stop(f"the checkpoint's M={cfg.M} does not divide the per-GPU micro-batch {batch_gpu}")
+    torch.manual_seed(seed)
+    raw_model = IMMModel(DDPMpp(**net_cfg), cfg).to(device).train()
+    ema = copy.deepcopy(raw_model).eval().requires_grad_(False)
+    opt = torch.optim.RAdam(raw_model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
+    step = 0
+    if ckpt:
+        raw_model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        say(f"resumed from {ckpt_path} at step {step}")
+    elif args.resume:
+        say("--resume auto: no checkpoint yet, starting from scratch")
+    bf16 = args.precision == "bf16" and use_cuda
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    flops_img = flops_per_image(net_cfg, cfg)
+    peak = (args.peak_tflops or (989 if bf16 else 494)) * 1e12
+    model = torch.compile(raw_model) if args.compile else raw_model
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if use_cuda else None)
+
+    accum, n_params = per_rank // batch_gpu, sum(p.numel() for p in raw_model.parameters())
+    total_steps = min(args.max_steps, math.ceil(args.max_kimg * 1000 / args.batch)) if args.max_kimg else args.max_steps
+    say(f"run {run_dir}: {n_params / 1e6:.2f}M params, {world} process(es) on {device.type}, batch {args.batch} = "
+        f"{world} x {accum} x {batch_gpu}, {'bf16 autocast' if bf16 else 'fp32'}, {flops_img / 1e9:.2f} GFLOPs/img, "
+        f"{len(data)} images, steps {step} -> {total_steps}")
+    if master:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+
+    def checkpoint_state():
+        return dict(step=step, model=raw_model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
+                    net=dict(net_cfg), imm=asdict(cfg), args=dict(vars(args), seed=seed))
+
+    # Training loop
+    loss_acc, steps_acc, t_last, last_good = torch.zeros((), device=device), 0, time.time(), ckpt_path
+    while step < total_steps:
+        lr = args.lr * min(1.0, (step + 1) * args.batch / (args.warmup_kimg * 1000)) if args.warmup_kimg else args.lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(step_seed(seed, step, 1 + rank))  # this rank's dropout masks for this step
+        draws = global_batch(step, seed, len(data), args.batch, cfg, args.xflip, device)
+        batches = micro_batches(data, draws, rank * per_rank, batch_gpu, accum, cfg.M)
+        loss_acc += train_step(model, raw_model, ema, opt, batches, cfg, accum, args.ema, autocast)
+        step, steps_acc = step + 1, steps_acc + 1
+
+        is_ckpt = step == total_steps or (args.ckpt_every and step % args.ckpt_every == 0)
+        if step % args.log_every == 0 or is_ckpt:  # every check syncs: sum the ranks' losses, test them, log
+            if ddp:
+                dist.all_reduce(loss_acc)
+            loss = loss_acc.item() / (steps_acc * world)
+            if not math.isfinite(loss):
+                stop(f"loss is {loss} within steps {step - steps_acc + 1}..{step}: training stopped; "
+                     f"the last good checkpoint is {last_good or 'none (none was written yet)'}")
+            dt, t_last = time.time() - t_last, time.time()
+            img_s = steps_acc * args.batch / dt
+            mem = torch.cuda.max_memory_allocated(device) / 2**30 if use_cuda else 0.0
+            rec = dict(step=step, kimg=step * args.batch / 1000, loss=loss, lr=lr, img_s=img_s,
+                       img_s_gpu=img_s / world, mfu=flops_img * img_s / world / peak, mem_gb=mem,
+                       eta_h=(total_steps - step) * dt / steps_acc / 3600)
+            say(f"step {step} | kimg {rec['kimg']:.1f} | loss {loss:.4e} | {img_s:.0f} img/s "
+                f"({img_s / world:.0f}/gpu) | mfu {rec['mfu']:.1%} | mem {mem:.1f} GB | eta {rec['eta_h']:.1f} h")
+            if master:
+                with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            loss_acc, steps_acc = torch.zeros((), device=device), 0
+
+        if is_ckpt:  # a finite loss with non-finite weights (an inf gradient) must not overwrite a good file either
+            if not all(p.isfinite().all() for p in raw_model.parameters()):   # same on every rank
+                stop(f"weights became non-finite by step {step}: not saved; the last good checkpoint is "
+                     f"{last_good or 'none (none was written yet)'}")
+            if master:
+                save_checkpoint(os.path.join(run_dir, "ckpt.pt"), checkpoint_state())
+            last_good = os.path.join(run_dir, "ckpt.pt")
+        if master and args.grid_every and (step % args.grid_every == 0 or step == total_steps):
+            save_grids(ema, run_dir, f"_{step:07d}", args.n_grid, device)
+
+    say(f"done: {step} steps, checkpoint {last_good}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
