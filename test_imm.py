@@ -1267,3 +1267,12 @@ def test_fid_without_internet_names_the_file_and_where_to_put_it(tmp_path, monke
 def test_unreadable_official_checkpoint_gives_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="cannot load the official checkpoint"):
         train_cifar.main(["--sample", "--official", str(tmp_path / "missing.pkl"), "--run-dir", str(tmp_path)])
+
+
+def test_bench_mode_prints_throughput_and_the_phase_breakdown(tmp_path, capsys):
+    train_cifar.main(TINY_NET + ["--bench", "2", "--run-dir", str(tmp_path / "b")])
+    out = capsys.readouterr().out
+    assert "img/s per process" in out and "mfu" in out
+    for phase in ("online_forward", "target_forward", "backward", "optimiser_and_ema"):
+        assert phase in out
+    assert not (tmp_path / "b" / "ckpt.pt").exists()

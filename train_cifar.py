@@ -77,6 +77,10 @@ def get_parser():
     a("--precision", choices=["bf16", "fp32"], default="bf16",
       help="bf16 autocast with fp32 master weights, or fp32 with TF32 matmuls (CPU: always fp32)")
     a("--compile", action="store_true", help="torch.compile the model")
+    a("--compile-mode", default="default", help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs")
+    a("--channels-last", action="store_true", help="NHWC memory layout for the network (faster convolutions on GPU)")
+    a("--bench", type=int, default=0, metavar="N", help="time N training steps on fake data after warm-up, print img/s, "
+      "ms/step, MFU, memory and where the time goes (forward, target forward, backward, optimiser), then exit")
     a("--seed", type=int, default=0, help="seed of the initialisation and of all random draws")
     a("--device", default="auto", help="'auto' (cuda:LOCAL_RANK if there is a GPU, else cpu), 'cuda' or 'cpu'")
     # logging and checkpoints
@@ -262,6 +266,65 @@ def train_step(model, raw_model, ema, opt, batches, cfg, accum, ema_decay, autoc
     opt.zero_grad(set_to_none=True)
     ema_update(ema, raw_model, ema_decay)
     return loss_sum / accum
+
+
+def bench(model, raw_model, ema, opt, make_batches, cfg, accum, args, flops_img, peak, device, say):
+    """--bench: median-free simple timing (synchronised wall clock over N steps after warm-up), then each phase
+    timed on its own on the same batch, then the profiler's top kernels."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.precision == "bf16" and device.type == "cuda" else nullcontext()
+    for i in range(5):  # warm-up: compilation, cuDNN autotuning, allocator
+        train_step(model, raw_model, ema, opt, make_batches(i), cfg, accum, args.ema, autocast)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for i in range(args.bench):
+        train_step(model, raw_model, ema, opt, make_batches(i), cfg, accum, args.ema, autocast)
+    sync()
+    ms = (time.perf_counter() - t0) / args.bench * 1000
+    img_s = args.batch / ms * 1000
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    say(f"bench: {ms:.1f} ms/step, {img_s:.0f} img/s per process at batch {args.batch}, mfu {flops_img * img_s / peak:.1%}, "
+        f"peak memory {mem:.1f} GB")
+
+    def timed(fn, n=10):
+        fn(); sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync()
+        return (time.perf_counter() - t) / n * 1000
+
+    x, noise, times = next(iter(make_batches(0)))
+    t, r, s = (v.repeat_interleave(cfg.M).to(device) for v in times)
+    x_t, x_r = x + noise, x   # shapes are all that matter for timing
+    def online():
+        with autocast:
+            return raw_model(x_t, t=t, s=s)
+    def target():
+        with torch.no_grad(), autocast:
+            return raw_model(x_r, t=r, s=s)
+    def loss_only():
+        with autocast:
+            return imm_loss(raw_model, x, cfg, times=times, noise=noise)[0]
+    def fwd_bwd():
+        loss_only().backward()
+    def optimiser():
+        opt.step()
+        ema_update(ema, raw_model, args.ema)
+    parts = dict(online_forward=timed(online), target_forward=timed(target), optimiser_and_ema=timed(optimiser))
+    parts["kernel_and_interpolants"] = max(timed(loss_only) - parts["online_forward"] - parts["target_forward"], 0)
+    parts["backward"] = max(timed(fwd_bwd) - timed(loss_only), 0)
+    opt.zero_grad(set_to_none=True)
+    say("bench: eager phases of one micro-batch (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(3):
+                train_step(model, raw_model, ema, opt, make_batches(i), cfg, accum, args.ema, autocast)
+            sync()
+        say(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
 
 
 def flops_per_image(net_cfg, cfg):
@@ -463,7 +526,7 @@ def main(argv=None):
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path else None
 
     # Data: rank 0 downloads if needed while the others wait
-    if args.fake_data:
+    if args.fake_data or args.bench:
         g = torch.Generator().manual_seed(args.seed)
         data = torch.randint(0, 256, (2048, 3, 32, 32), dtype=torch.uint8, generator=g)
     else:
@@ -493,7 +556,10 @@ def main(argv=None):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
     flops_img = flops_per_image(net_cfg, cfg)
     peak = (args.peak_tflops or (989 if bf16 else 494)) * 1e12
-    model = torch.compile(raw_model) if args.compile else raw_model
+    if args.channels_last:
+        raw_model.to(memory_format=torch.channels_last)
+        ema.to(memory_format=torch.channels_last)
+    model = torch.compile(raw_model, mode=args.compile_mode) if args.compile else raw_model
     if ddp:
         model = DDP(model, device_ids=[local_rank] if use_cuda else None)
 
@@ -510,6 +576,12 @@ def main(argv=None):
     def checkpoint_state():
         return dict(step=step, model=raw_model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
                     net=dict(net_cfg), imm=asdict(cfg), args=dict(vars(args), seed=seed))
+
+    if args.bench:
+        make = lambda i: micro_batches(data, global_batch(i, seed, len(data), args.batch, cfg, args.xflip, device),
+                                       rank * per_rank, batch_gpu, accum, cfg.M)
+        bench(model, raw_model, ema, opt, make, cfg, accum, args, flops_img, peak, device, say)
+        return
 
     # Training loop
     loss_acc, steps_acc, t_last, last_good = torch.zeros((), device=device), 0, time.time(), ckpt_path
