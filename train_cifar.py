@@ -283,10 +283,11 @@ def bench(model, raw_model, ema, opt, make_batches, cfg, accum, args, flops_img,
         train_step(model, raw_model, ema, opt, make_batches(i), cfg, accum, args.ema, autocast)
     sync()
     ms = (time.perf_counter() - t0) / args.bench * 1000
+    world = dist.get_world_size() if dist.is_initialized() else 1
     img_s = args.batch / ms * 1000
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    say(f"bench: {ms:.1f} ms/step, {img_s:.0f} img/s per process at batch {args.batch}, mfu {flops_img * img_s / peak:.1%}, "
-        f"peak memory {mem:.1f} GB")
+    say(f"bench: {ms:.1f} ms/step, {img_s:.0f} img/s ({img_s / world:.0f} img/s per process, {world} process(es)) at "
+        f"global batch {args.batch}, mfu {flops_img * img_s / world / peak:.1%}, peak memory {mem:.1f} GB")
 
     def timed(fn, n=10):
         fn(); sync()
