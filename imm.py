@@ -431,7 +431,8 @@ def r_of(*, s, t, cfg):
     """
     s, t = _f64(s), _f64(t)
     delta_eta = (eta(cfg.T, cfg.schedule) - eta(cfg.t_min, cfg.schedule)) / 2 ** cfg.k
-    r = eta_inv(eta(t, cfg.schedule) - delta_eta, cfg.schedule)
+    # eta_t - delta_eta <= 0 means r = s; clamping first also keeps FM's y / (1 + y) off its y < -1 branch
+    r = eta_inv((eta(t, cfg.schedule) - delta_eta).clamp_min(0), cfg.schedule)
     if cfg.min_gap > 0:
         r = torch.minimum(r, t - cfg.min_gap)
     return torch.maximum(s, r)

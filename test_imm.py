@@ -10,6 +10,8 @@ import math
 import mimetypes  # noqa: F401  (urllib's file:// handler imports it lazily; import it before exec is patched)
 import os
 import pickle
+import re
+import shutil
 import subprocess
 import sys
 import types
@@ -17,6 +19,8 @@ import urllib.error
 import warnings
 from pathlib import Path
 
+import nbclient
+import nbformat
 import numpy as np
 import pytest
 import torch
@@ -182,6 +186,16 @@ def test_sampled_times_are_ordered_and_r_is_strictly_below_t(cfg):
     collapsed = imm.eta(t, cfg.schedule) - delta_eta <= imm.eta(s, cfg.schedule)
     assert torch.equal(r == s, collapsed)
     assert 0 < collapsed.float().mean() < 1
+
+
+@pytest.mark.parametrize("k", [0, 2, 4, 6, 8])
+def test_r_stays_between_s_and_t_even_for_large_steps(k):
+    cfg = IMMConfig.toy(k=k)
+    t = torch.linspace(0.0, 0.994, 2001, dtype=torch.float64)
+    for s in (0.0, 0.3):
+        s_ = torch.full_like(t, s).clamp(max=t)
+        r = imm.r_of(s=s_, t=t, cfg=cfg)
+        assert torch.all(s_ <= r) and torch.all(r <= t)
 
 
 def test_r_is_non_decreasing_in_t():
@@ -1276,3 +1290,56 @@ def test_bench_mode_prints_throughput_and_the_phase_breakdown(tmp_path, capsys):
     for phase in ("online_forward", "target_forward", "backward", "optimiser_and_ema"):
         assert phase in out
     assert not (tmp_path / "b" / "ckpt.pt").exists()
+
+
+# ============================================================================= toy_2d.ipynb
+
+REPO = HERE
+NOTEBOOK = os.path.join(REPO, "toy_2d.ipynb")
+
+
+def _summary_row(text, name):
+    """The four distances (1, 2, 4, 8 steps) of one row of the notebook's printed summary table."""
+    m = re.search(r"\|\s*" + re.escape(name) + r"\s*\|" + r"\s*([\d.]+)\s*\|" * 4, text)
+    assert m, f"row {name!r} not found in the summary table"
+    return [float(v) for v in m.groups()]
+
+
+def test_notebook_runs_top_to_bottom_in_fast_mode_and_imm_beats_flow_matching_at_two_steps(tmp_path, monkeypatch):
+    path = tmp_path / "toy_2d.ipynb"
+    shutil.copy(NOTEBOOK, path)                  # never touch the committed outputs
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:                        # start from a clean notebook
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    monkeypatch.setenv("IMM_NOTEBOOK_FAST", "1")                 # the kernel inherits os.environ
+    monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # CellExecutionError propagates: any failing cell fails the test with its traceback.
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": REPO}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "fast mode" in text
+    imm = _summary_row(text, "IMM, M=4 (main)")
+    fm = _summary_row(text, "flow matching (main)")
+    floor = float(re.search(r"floor \(two independent data draws\): ([\d.]+)", text).group(1))
+    assert imm[1] < fm[1], f"IMM 2-step distance {imm[1]} is not below flow matching's {fm[1]}"
+    assert imm[0] < fm[0], f"IMM 1-step distance {imm[0]} is not below flow matching's {fm[0]}"
+    assert floor < min(imm), "no model can beat two independent draws of the data"
+    n_png = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert n_png >= 10, f"expected the notebook's figures, got {n_png} PNG outputs"
+
+
+def test_committed_notebook_has_outputs_in_every_code_cell_and_no_machine_paths():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    empty = [i for i, c in enumerate(code_cells) if not c.outputs]
+    assert code_cells and not empty, f"code cells without outputs (indices among code cells): {empty}"
+    assert not any(o.get("output_type") == "error" for c in code_cells for o in c.outputs)
+    assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
+    # Image data is base64 and can contain any short string by chance, so it is left out of the scan.
+    for c in code_cells:
+        for o in c.outputs:
+            o.get("data", {}).pop("image/png", None)
+    text = nbformat.writes(nb)
+    for path in ("/work/", "/root/"):
+        assert path not in text, f"the committed notebook contains the machine path {path!r}"
