@@ -315,8 +315,9 @@ def bench(model, raw_model, ema, opt, make_batches, cfg, accum, args, flops_img,
         opt.step()
         ema_update(ema, raw_model, args.ema)
     parts = dict(online_forward=timed(online), target_forward=timed(target), optimiser_and_ema=timed(optimiser))
-    parts["kernel_and_interpolants"] = max(timed(loss_only) - parts["online_forward"] - parts["target_forward"], 0)
-    parts["backward"] = max(timed(fwd_bwd) - timed(loss_only), 0)
+    loss_ms = timed(loss_only)
+    parts["kernel_and_interpolants"] = max(loss_ms - parts["online_forward"] - parts["target_forward"], 0)
+    parts["backward"] = max(timed(fwd_bwd) - loss_ms, 0)
     opt.zero_grad(set_to_none=True)
     say("bench: eager phases of one micro-batch (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
     if device.type == "cuda":
