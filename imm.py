@@ -258,8 +258,24 @@ def _edm_init(layer, scale=1.0):
     return layer
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that keeps a channels_last (NHWC) input in its layout.
+
+    The native op views its input as [N, groups, -1], which copies an NHWC tensor to NCHW (and torch.compile's
+    version does the same). Splitting the channel dim into [groups, C/groups] is a view in both layouts. Same
+    maths: biased variance over each group, computed in float32 at least (autocast's rule for group_norm)."""
+
+    def forward(self, x):
+        if x.is_contiguous():   # NCHW: the native kernel
+            return super().forward(x)
+        xg = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(1, (self.num_groups, -1))
+        var, mean = torch.var_mean(xg, dim=(2, 3, 4), correction=0, keepdim=True)
+        y = ((xg - mean) * torch.rsqrt(var + self.eps)).flatten(1, 2)
+        return y * self.weight[:, None, None] + self.bias[:, None, None]
+
+
 def group_norm(channels):
-    return nn.GroupNorm(min(32, channels // 4), channels, eps=1e-6)
+    return GroupNorm(min(32, channels // 4), channels, eps=1e-6)
 
 
 class EmbeddingLinear(nn.Linear):
@@ -282,9 +298,10 @@ class EmbeddingLinear(nn.Linear):
 class Conv(nn.Conv2d):
     """'Same' convolution, optionally preceded by EDM's [1,1]-filter resampling.
 
-    down: 2x2 box average, stride 2 (depthwise conv); up: depthwise transposed conv with 4x the
-    filter, stride 2, i.e. nearest-neighbour upsampling. The filter is a buffer because the
-    official state dict stores it (as `resample_filter`, shape [1,1,2,2], all 0.25).
+    EDM resamples with a depthwise conv by the filter [1,1]x[1,1]/4 (down, stride 2) or a depthwise
+    transposed conv by 4x that filter (up, stride 2): a 2x2 box average and nearest-neighbour
+    upsampling. The filter is kept as a buffer only because the official state dict stores it
+    (`resample_filter`, shape [1,1,2,2], all 0.25).
     """
 
     def __init__(self, in_channels, out_channels, kernel, up=False, down=False, init_scale=1.0):
@@ -295,10 +312,12 @@ class Conv(nn.Conv2d):
             self.register_buffer("resample_filter", torch.full((1, 1, 2, 2), 0.25))
 
     def forward(self, x):
-        if self.up or self.down:
-            C = x.shape[1]
-            f = self.resample_filter.to(x.dtype).tile(C, 1, 1, 1)
-            x = F.conv_transpose2d(x, 4 * f, stride=2, groups=C) if self.up else F.conv2d(x, f, stride=2, groups=C)
+        # With the fixed [1,1] filter these are exactly 2x2 average pooling and nearest upsampling; the pooling
+        # kernels are several times faster than depthwise (transposed) convolutions and their gradients.
+        if self.down:
+            x = F.avg_pool2d(x, 2)
+        elif self.up:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
         return super().forward(x)
 
 

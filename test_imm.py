@@ -690,13 +690,46 @@ def test_unet_block_matches_the_spec_formula_with_explicit_attention():
     assert rel_err(out, ref) < 1e-5
 
 
-def test_resampling_is_box_downsampling_and_nearest_upsampling():
-    x = torch.randn(2, 5, 8, 8)
-    down, up = imm.Conv(5, 7, 3, down=True), imm.Conv(5, 7, 1, up=True)
+def test_resampling_equals_edms_depthwise_convolutions_with_the_stored_filter():
+    """Reference: EDM's formulation, a depthwise conv (down, stride 2) or transposed conv (up, 4x the filter)."""
+    x = torch.randn(2, 5, 8, 8, dtype=torch.float64)
+    down, up = imm.Conv(5, 7, 3, down=True).double(), imm.Conv(5, 7, 1, up=True).double()
+    f = down.resample_filter.tile(5, 1, 1, 1)
     with torch.no_grad():
-        torch.testing.assert_close(down(x), F.conv2d(F.avg_pool2d(x, 2), down.weight, down.bias, padding=1))
-        torch.testing.assert_close(up(x), F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), up.weight, up.bias))
+        torch.testing.assert_close(down(x), F.conv2d(F.conv2d(x, f, stride=2, groups=5), down.weight, down.bias, padding=1),
+                                   rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(up(x), F.conv2d(F.conv_transpose2d(x, 4 * f, stride=2, groups=5), up.weight, up.bias),
+                                   rtol=1e-13, atol=1e-13)
     assert down(x).shape == (2, 7, 4, 4) and up(x).shape == (2, 7, 16, 16)
+
+
+def test_group_norm_keeps_channels_last_and_matches_the_native_op_with_gradients():
+    torch.manual_seed(0)
+    gn = randomize_(imm.group_norm(64)).double()
+    x = (torch.randn(3, 64, 6, 5, dtype=torch.float64) * 3 + 2).requires_grad_(True)
+    x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_(True)
+    ref, out = F.group_norm(x, 16, gn.weight, gn.bias, 1e-6), gn(x_cl)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad(ref, (x, gn.weight, gn.bias), g)
+    grads = torch.autograd.grad(out, (x_cl, gn.weight, gn.bias), g)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # bf16 input (autocast's case): computed and returned in float32, like autocast's group_norm
+    y = copy.deepcopy(gn).float()(x.detach().bfloat16().to(memory_format=torch.channels_last))
+    assert y.dtype == torch.float32 and rel_err(y, ref) < 1e-2
+
+
+def test_network_gives_the_same_output_in_channels_last_layout():
+    net = randomize_(tiny_net()).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    t, s = torch.tensor([900.0, 300.0], dtype=torch.float64), torch.tensor([100.0, 50.0], dtype=torch.float64)
+    with torch.no_grad():
+        ref = net(x, t, s)
+        net.to(memory_format=torch.channels_last)
+        out = net(x.to(memory_format=torch.channels_last), t, s)
+    torch.testing.assert_close(out, ref, rtol=1e-11, atol=1e-11)
 
 
 def test_dropout_is_active_in_training_mode_only():
@@ -1076,6 +1109,14 @@ def test_resume_continues_exactly(tmp_path):
     assert [r["loss"] for r in part] == [r["loss"] for r in full]     # bit for bit on CPU
     a, b = load_ckpt(tmp_path / "full" / "ckpt.pt"), load_ckpt(tmp_path / "part" / "ckpt.pt")
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+
+
+def test_channels_last_training_optimises_the_same_loss(tmp_path, capsys):
+    train_tiny(tmp_path / "nchw", "--max-steps", "3", "--dropout", "0")
+    train_tiny(tmp_path / "nhwc", "--max-steps", "3", "--dropout", "0", "--channels-last")
+    assert "channels_last" in capsys.readouterr().out
+    a, b = read_log(tmp_path / "nchw"), read_log(tmp_path / "nhwc")
+    torch.testing.assert_close([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-4, atol=0)
 
 
 def test_resume_auto_finds_the_run_folder(tmp_path):

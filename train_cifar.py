@@ -76,9 +76,12 @@ def get_parser():
     a("--max-kimg", type=float, default=0, help="also stop after this many thousand images (0 = no limit)")
     a("--precision", choices=["bf16", "fp32"], default="bf16",
       help="bf16 autocast with fp32 master weights, or fp32 with TF32 matmuls (CPU: always fp32)")
-    a("--compile", action="store_true", help="torch.compile the model")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None,
+      help="torch.compile the model (default: on with CUDA, off on CPU; the first steps then take ~3 min)")
     a("--compile-mode", default="default", help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs")
-    a("--channels-last", action="store_true", help="NHWC memory layout for the network (faster convolutions on GPU)")
+    a("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+      help="NHWC memory layout: no layout transposes around cuDNN's convolutions (default: on when compiling; "
+           "eager mode is slower with it)")
     a("--bench", type=int, default=0, metavar="N", help="time N training steps on fake data after warm-up, print img/s, "
       "ms/step, MFU, memory and where the time goes (forward, target forward, backward, optimiser), then exit")
     a("--seed", type=int, default=0, help="seed of the initialisation and of all random draws")
@@ -268,12 +271,65 @@ def train_step(model, raw_model, ema, opt, batches, cfg, accum, ema_decay, autoc
     return loss_sum / accum
 
 
+class WallClockEvent:
+    """torch.cuda.Event's record / elapsed_time for the CPU, where every op finishes before the next starts."""
+    def record(self):
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1000
+
+
+def phase_times(model, raw_model, ema, opt, batches, cfg, accum, ema_decay, autocast, device):
+    """One training step (as train_step) with events between its phases: milliseconds per phase (GPU time on CUDA).
+    The model is wrapped so that its two calls inside imm_loss are told apart: with gradients (online) or without
+    (target)."""
+    cuda = device.type == "cuda"
+    event = (lambda: torch.cuda.Event(enable_timing=True)) if cuda else WallClockEvent
+    spans = []
+
+    def timed_model(*args, **kwargs):
+        start, end = event(), event()
+        start.record()
+        out = model(*args, **kwargs)
+        end.record()
+        spans.append(("online_forward" if torch.is_grad_enabled() else "target_forward", start, end))
+        return out
+
+    for a, (x, noise, times) in enumerate(batches):
+        sync = a == accum - 1 or not isinstance(model, DDP)
+        with (nullcontext() if sync else model.no_sync()):
+            e0, e1, e2 = event(), event(), event()
+            e0.record()
+            with autocast:
+                loss, _ = imm_loss(timed_model, x, cfg, times=times, noise=noise)
+            e1.record()
+            (loss / accum).backward()
+            e2.record()
+        spans += [("loss", e0, e1), ("backward", e1, e2)]
+    e0, e1 = event(), event()
+    e0.record()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    ema_update(ema, raw_model, ema_decay)
+    e1.record()
+    spans.append(("optimiser_and_ema", e0, e1))
+    if cuda:
+        torch.cuda.synchronize()
+    ms = {}
+    for name, start, end in spans:
+        ms[name] = ms.get(name, 0.0) + start.elapsed_time(end)
+    ms["mmd_and_interpolants"] = ms.pop("loss") - ms["online_forward"] - ms["target_forward"]
+    return ms
+
+
 def bench(model, raw_model, ema, opt, make_batches, cfg, accum, args, flops_img, peak, device, say):
-    """--bench: median-free simple timing (synchronised wall clock over N steps after warm-up), then each phase
-    timed on its own on the same batch, then the profiler's top kernels."""
+    """--bench: N steps after 5 warm-up steps (compilation, cuDNN autotuning, allocator), timed with a synchronised
+    clock; then the time of each phase of a step (median of 5; GPU time on CUDA) and, on CUDA, the profiler's top
+    kernels."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.precision == "bf16" and device.type == "cuda" else nullcontext()
-    for i in range(5):  # warm-up: compilation, cuDNN autotuning, allocator
+    for i in range(5):
         train_step(model, raw_model, ema, opt, make_batches(i), cfg, accum, args.ema, autocast)
     sync()
     if device.type == "cuda":
@@ -288,45 +344,18 @@ def bench(model, raw_model, ema, opt, make_batches, cfg, accum, args, flops_img,
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     say(f"bench: {ms:.1f} ms/step, {img_s:.0f} img/s ({img_s / world:.0f} img/s per process, {world} process(es)) at "
         f"global batch {args.batch}, mfu {flops_img * img_s / world / peak:.1%}, peak memory {mem:.1f} GB")
-
-    def timed(fn, n=10):
-        fn(); sync()
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
+    runs = [phase_times(model, raw_model, ema, opt, make_batches(i), cfg, accum, args.ema, autocast, device)
+            for i in range(5)]
+    say("bench: time per phase of one step (ms, median of 5): " +
+        ", ".join(f"{k} {sorted(r[k] for r in runs)[2]:.1f}" for k in runs[0]))
+    if device.type != "cuda":
+        return
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(3):
+            train_step(model, raw_model, ema, opt, make_batches(i), cfg, accum, args.ema, autocast)
         sync()
-        return (time.perf_counter() - t) / n * 1000
-
-    x, noise, times = next(iter(make_batches(0)))
-    t, r, s = (v.repeat_interleave(cfg.M).to(device) for v in times)
-    x_t, x_r = x + noise, x   # shapes are all that matter for timing
-    def online():
-        with autocast:
-            return raw_model(x_t, t=t, s=s)
-    def target():
-        with torch.no_grad(), autocast:
-            return raw_model(x_r, t=r, s=s)
-    def loss_only():
-        with autocast:
-            return imm_loss(raw_model, x, cfg, times=times, noise=noise)[0]
-    def fwd_bwd():
-        loss_only().backward()
-    def optimiser():
-        opt.step()
-        ema_update(ema, raw_model, args.ema)
-    parts = dict(online_forward=timed(online), target_forward=timed(target), optimiser_and_ema=timed(optimiser))
-    loss_ms = timed(loss_only)
-    parts["kernel_and_interpolants"] = max(loss_ms - parts["online_forward"] - parts["target_forward"], 0)
-    parts["backward"] = max(timed(fwd_bwd) - loss_ms, 0)
-    opt.zero_grad(set_to_none=True)
-    say("bench: eager phases of one micro-batch (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
-    if device.type == "cuda":
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for i in range(3):
-                train_step(model, raw_model, ema, opt, make_batches(i), cfg, accum, args.ema, autocast)
-            sync()
-        say(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+    say("bench: top kernels over 3 steps\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
 
 
 def flops_per_image(net_cfg, cfg):
@@ -466,6 +495,7 @@ def main(argv=None):
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # TF32 matmuls (fp32 mode and the parts autocast keeps in fp32)
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True       # fixed shapes: let cuDNN time its algorithms once per shape
     if ddp:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30),
                                 device_id=device if use_cuda else None)
@@ -558,17 +588,20 @@ def main(argv=None):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
     flops_img = flops_per_image(net_cfg, cfg)
     peak = (args.peak_tflops or (989 if bf16 else 494)) * 1e12
-    if args.channels_last:
+    compile_ = use_cuda if args.compile is None else args.compile
+    channels_last = compile_ if args.channels_last is None else args.channels_last
+    if channels_last:
         raw_model.to(memory_format=torch.channels_last)
         ema.to(memory_format=torch.channels_last)
-    model = torch.compile(raw_model, mode=args.compile_mode) if args.compile else raw_model
+    model = torch.compile(raw_model, mode=args.compile_mode) if compile_ else raw_model
     if ddp:
         model = DDP(model, device_ids=[local_rank] if use_cuda else None)
 
     accum, n_params = per_rank // batch_gpu, sum(p.numel() for p in raw_model.parameters())
     total_steps = min(args.max_steps, math.ceil(args.max_kimg * 1000 / args.batch)) if args.max_kimg else args.max_steps
     say(f"run {run_dir}: {n_params / 1e6:.2f}M params, {world} process(es) on {device.type}, batch {args.batch} = "
-        f"{world} x {accum} x {batch_gpu}, {'bf16 autocast' if bf16 else 'fp32'}, {flops_img / 1e9:.2f} GFLOPs/img, "
+        f"{world} x {accum} x {batch_gpu}, {'bf16 autocast' if bf16 else 'fp32'}"
+        f"{', compiled' if compile_ else ''}{', channels_last' if channels_last else ''}, {flops_img / 1e9:.2f} GFLOPs/img, "
         f"{len(data)} images, steps {step} -> {total_steps}")
     if master:
         os.makedirs(run_dir, exist_ok=True)
