@@ -22,6 +22,7 @@ import math
 import os
 import pickle
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict
 
@@ -236,7 +237,9 @@ def global_batch(step, seed, n_data, batch, cfg, xflip, device, img_shape=(3, 32
     times = sample_times(batch // cfg.M, cfg, generator=g)
     g_dev = torch.Generator(device=device).manual_seed(step_seed(seed, step))
     noise = torch.randn(batch, *img_shape, generator=g_dev, device=device) * cfg.sigma_d
-    return idx, flip, times, noise
+    # non_blocking: a blocking host-to-GPU copy waits for all queued GPU work, a host sync in every step
+    to_device = lambda v: v.to(device, non_blocking=True)   # noqa: E731
+    return to_device(idx), to_device(flip), Times(*map(to_device, times)), noise
 
 
 def micro_batches(data, draws, lo, batch_gpu, accum, M):
@@ -344,6 +347,17 @@ def bench(model, raw_model, ema, opt, make_batches, cfg, accum, args, flops_img,
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     say(f"bench: {ms:.1f} ms/step, {img_s:.0f} img/s ({img_s / world:.0f} img/s per process, {world} process(es)) at "
         f"global batch {args.batch}, mfu {flops_img * img_s / world / peak:.1%}, peak memory {mem:.1f} GB")
+    if device.type == "cuda":   # a host sync inside the step idles the GPU and stalls DDP's overlap
+        with warnings.catch_warnings(record=True) as syncs:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train_step(model, raw_model, ema, opt, make_batches(0), cfg, accum, args.ema, autocast)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in syncs if "synchroniz" in str(w.message)]
+        say(f"bench: host syncs in one step: {len(syncs)}" +
+            "".join(f"\n  {w.filename}:{w.lineno}" for w in syncs[:5]))
     runs = [phase_times(model, raw_model, ema, opt, make_batches(i), cfg, accum, args.ema, autocast, device)
             for i in range(5)]
     say("bench: time per phase of one step (ms, median of 5): " +
