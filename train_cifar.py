@@ -248,8 +248,8 @@ def micro_batches(data, draws, lo, batch_gpu, accum, M):
     idx, flip, times, noise = draws
     for a in range(accum):
         sl = slice(lo + a * batch_gpu, lo + (a + 1) * batch_gpu)
-        x = data[idx[sl].to(data.device)].float() / 127.5 - 1
-        x = torch.where(flip[sl].to(data.device)[:, None, None, None], x.flip(3), x)
+        x = data[idx[sl]].float() / 127.5 - 1      # idx, flip and times are already on data's device
+        x = torch.where(flip[sl][:, None, None, None], x.flip(3), x)
         yield x, noise[sl], Times(*(v[sl.start // M: sl.stop // M] for v in times))
 
 
