@@ -261,17 +261,21 @@ def _edm_init(layer, scale=1.0):
 class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm that keeps a channels_last (NHWC) input in its layout.
 
-    The native op views its input as [N, groups, -1], which copies an NHWC tensor to NCHW (and torch.compile's
-    version does the same). Splitting the channel dim into [groups, C/groups] is a view in both layouts. Same
-    maths: biased variance over each group, computed in float32 at least (autocast's rule for group_norm)."""
+    The native op views its input as [N, groups, -1], which copies an NHWC tensor to NCHW (torch.compile's
+    version too). Here a channels_last input gets each channel's moments over H, W (in NHWC a reduction that
+    reads memory in order) and each group pools its channels' moments (law of total variance). Same maths:
+    biased variance per group, in float32 at least (autocast's rule), y = x * scale + shift as the CUDA kernel."""
 
     def forward(self, x):
         if x.is_contiguous():   # NCHW: the native kernel
             return super().forward(x)
-        xg = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(1, (self.num_groups, -1))
-        var, mean = torch.var_mean(xg, dim=(2, 3, 4), correction=0, keepdim=True)
-        y = ((xg - mean) * torch.rsqrt(var + self.eps)).flatten(1, 2)
-        return y * self.weight[:, None, None] + self.bias[:, None, None]
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        var_c, mean_c = (m.unflatten(1, (self.num_groups, -1)) for m in torch.var_mean(x, dim=(2, 3), correction=0))
+        mean = mean_c.mean(2, keepdim=True)                                    # [N, groups, 1]
+        var = (var_c + (mean_c - mean).square()).mean(2, keepdim=True)
+        scale = torch.rsqrt(var + self.eps) * self.weight.unflatten(0, (self.num_groups, -1))
+        shift = self.bias.unflatten(0, (self.num_groups, -1)) - mean * scale  # [N, groups, C / groups]
+        return x * scale.flatten(1)[:, :, None, None] + shift.flatten(1)[:, :, None, None]
 
 
 def group_norm(channels):

@@ -719,6 +719,11 @@ def test_group_norm_keeps_channels_last_and_matches_the_native_op_with_gradients
     # bf16 input (autocast's case): computed and returned in float32, like autocast's group_norm
     y = copy.deepcopy(gn).float()(x.detach().bfloat16().to(memory_format=torch.channels_last))
     assert y.dtype == torch.float32 and rel_err(y, ref) < 1e-2
+    # float32 with a mean far from 0 (cancellation in x * scale + shift): about as accurate as the native op
+    x32, gn32 = torch.randn(3, 64, 6, 5) + 50, copy.deepcopy(gn).float()
+    ref64 = F.group_norm(x32.double(), 16, gn.weight, gn.bias, 1e-6)
+    err, err_native = rel_err(gn32(x32.to(memory_format=torch.channels_last)), ref64), rel_err(gn32(x32), ref64)
+    assert err < max(4 * err_native, 1e-6), (err, err_native)
 
 
 def test_network_gives_the_same_output_in_channels_last_layout():
