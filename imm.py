@@ -353,12 +353,13 @@ class UNetBlock(nn.Module):
         x = (h + (x if self.skip is None else self.skip(x))) * SKIP_SCALE
         if self.attention:
             N, C, H, W = x.shape
-            # The official qkv channels are interleaved as [C, 3], hence reshape(N, C, 3, HW).
-            q, k, v = self.qkv(self.norm2(x)).reshape(N, C, 3, H * W).unbind(2)
-            # a[n,c,i] = sum_j softmax_j(sum_c' q[n,c',i] k[n,c',j] / sqrt(C)) v[n,c,j]. SDPA computes
+            # The official qkv channels are interleaved as [C, 3]. One copy lays them out as q, k, v: [N, HW, C].
+            qkv = self.qkv(self.norm2(x)).unflatten(1, (C, 3)).flatten(3)               # [N, C, 3, HW]
+            q, k, v = qkv.permute(2, 0, 3, 1).contiguous().unbind(0)
+            # a[n,i,c] = sum_j softmax_j(sum_c' q[n,i,c'] k[n,j,c'] / sqrt(C)) v[n,j,c]. SDPA computes
             # exactly this (checked against the einsum form in the tests) without storing the
             # [N, HW, HW] weights, and keeps the softmax in fp32 under bf16 autocast.
-            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            a = F.scaled_dot_product_attention(q, k, v)
             x = (self.proj(a.transpose(1, 2).reshape(N, C, H, W)) + x) * SKIP_SCALE
         return x
 
