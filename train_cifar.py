@@ -22,6 +22,7 @@ import math
 import os
 import pickle
 import time
+import traceback
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -348,16 +349,21 @@ def bench(model, raw_model, ema, opt, make_batches, cfg, accum, args, flops_img,
     say(f"bench: {ms:.1f} ms/step, {img_s:.0f} img/s ({img_s / world:.0f} img/s per process, {world} process(es)) at "
         f"global batch {args.batch}, mfu {flops_img * img_s / world / peak:.1%}, peak memory {mem:.1f} GB")
     if device.type == "cuda":   # a host sync inside the step idles the GPU and stalls DDP's overlap
-        with warnings.catch_warnings(record=True) as syncs:
+        syncs = []   # the Python stack (innermost 4 frames) where each one happened
+
+        def record(message, *_, **__):
+            if "synchroniz" in str(message):
+                stack = [f for f in traceback.extract_stack()[:-1] if "warnings" not in os.path.basename(f.filename)]
+                syncs.append(" <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in stack[:-5:-1]))
+        with warnings.catch_warnings():
             warnings.simplefilter("always")
+            warnings.showwarning = record
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 train_step(model, raw_model, ema, opt, make_batches(0), cfg, accum, args.ema, autocast)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        syncs = [w for w in syncs if "synchroniz" in str(w.message)]
-        say(f"bench: host syncs in one step: {len(syncs)}" +
-            "".join(f"\n  {w.filename}:{w.lineno}" for w in syncs[:5]))
+        say(f"bench: host syncs in one step: {len(syncs)}" + "".join(f"\n  {s}" for s in syncs[:5]))
     runs = [phase_times(model, raw_model, ema, opt, make_batches(i), cfg, accum, args.ema, autocast, device)
             for i in range(5)]
     say("bench: time per phase of one step (ms, median of 5): " +
