@@ -352,7 +352,7 @@ def bench(model, raw_model, ema, opt, make_batches, cfg, accum, args, flops_img,
         syncs = []   # the Python stack (innermost 4 frames) where each one happened
 
         def record(message, *_, **__):
-            if "synchroniz" in str(message):
+            if "called a synchronizing CUDA operation" in str(message):   # not the mode's own "prototype" warning
                 stack = [f for f in traceback.extract_stack()[:-1] if "warnings" not in os.path.basename(f.filename)]
                 syncs.append(" <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in stack[:-5:-1]))
         with warnings.catch_warnings():
