@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import types
 import urllib.error
 import warnings
@@ -1336,6 +1337,44 @@ def test_bench_mode_prints_throughput_and_the_phase_breakdown(tmp_path, capsys):
     for phase in ("online_forward", "target_forward", "backward", "optimiser_and_ema"):
         assert phase in out
     assert not (tmp_path / "b" / "ckpt.pt").exists()
+
+
+def test_phase_times_times_the_real_training_step_and_its_phases_tile_it():
+    """--bench's phase breakdown runs train_step itself: same loss and weights as an untimed step, every phase
+    present, and the phases add up to the time between the first and the last mark (no gaps, no overlaps)."""
+    cfg = imm.IMMConfig(M=2)
+    data = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+
+    def setup():
+        torch.manual_seed(0)
+        model = imm.IMMModel(tiny_net(dropout=0.3), cfg).train()
+        return model, copy.deepcopy(model).requires_grad_(False), torch.optim.RAdam(model.parameters(), lr=1e-3)
+
+    def batches():
+        draws = train_cifar.global_batch(0, 0, len(data), 8, cfg, True, torch.device("cpu"), (3, 8, 8))
+        return train_cifar.micro_batches(data, draws, 0, 4, 2, cfg.M)
+
+    model, ema, opt = setup()
+    torch.manual_seed(1)
+    loss = train_cifar.train_step(model, model, ema, opt, batches(), cfg, 2, 0.9, contextlib.nullcontext())
+    timed, timed_ema, timed_opt = setup()
+    marks = []
+    torch.manual_seed(1)
+    timed_loss = train_cifar.train_step(timed, timed, timed_ema, timed_opt, batches(), cfg, 2, 0.9, contextlib.nullcontext(),
+                                        mark=marks.append)
+    assert torch.equal(loss, timed_loss)
+    for a, b in zip(model.state_dict().values(), timed.state_dict().values()):
+        assert torch.equal(a, b)
+    assert marks == ["mmd_and_interpolants", "backward"] * 2 + ["optimiser_and_ema", "end"]
+
+    t0 = time.perf_counter()
+    ms = train_cifar.phase_times(timed, timed, timed_ema, timed_opt, batches(), cfg, 2, 0.9, contextlib.nullcontext(),
+                                 torch.device("cpu"))
+    wall = (time.perf_counter() - t0) * 1000
+    assert set(ms) == {"online_forward", "target_forward", "mmd_and_interpolants", "backward", "optimiser_and_ema"}
+    assert all(v > 0 for v in ms.values())
+    assert 0.5 * wall < sum(ms.values()) <= wall
+    assert not timed._forward_hooks and not timed._forward_pre_hooks   # removed again
 
 
 # ============================================================================= toy_2d.ipynb

@@ -258,20 +258,26 @@ def micro_batches(data, draws, lo, batch_gpu, accum, M):
 # One optimiser step (a function so that it can be timed on its own)
 # -----------------------------------------------------------------------------------------------
 
-def train_step(model, raw_model, ema, opt, batches, cfg, accum, ema_decay, autocast):
+def train_step(model, raw_model, ema, opt, batches, cfg, accum, ema_decay, autocast, mark=None):
     """Accumulate the gradient of mean_groups w * MMD^2 over the micro-batches (DDP averages the ranks:
-    equal-sized micro-batches make this the mean over all groups of the global batch), then RAdam and EMA."""
+    equal-sized micro-batches make this the mean over all groups of the global batch), then RAdam and EMA.
+    `mark(phase)`, if given, is called as each phase starts (--bench times the phases with it)."""
+    mark = mark or (lambda phase: None)
     loss_sum = torch.zeros((), device=next(raw_model.parameters()).device)
     for a, (x, noise, times) in enumerate(batches):
         sync = a == accum - 1 or not isinstance(model, DDP)
         with (nullcontext() if sync else model.no_sync()):
+            mark("mmd_and_interpolants")
             with autocast:
                 loss, _ = imm_loss(model, x, cfg, times=times, noise=noise)
+            mark("backward")
             (loss / accum).backward()
         loss_sum += loss.detach()
+    mark("optimiser_and_ema")
     opt.step()
     opt.zero_grad(set_to_none=True)
     ema_update(ema, raw_model, ema_decay)
+    mark("end")
     return loss_sum / accum
 
 
@@ -285,45 +291,30 @@ class WallClockEvent:
 
 
 def phase_times(model, raw_model, ema, opt, batches, cfg, accum, ema_decay, autocast, device):
-    """One training step (as train_step) with events between its phases: milliseconds per phase (GPU time on CUDA).
-    The model is wrapped so that its two calls inside imm_loss are told apart: with gradients (online) or without
-    (target)."""
+    """One train_step with an event at the start of each phase: milliseconds per phase (GPU time on CUDA). Hooks on
+    the outermost module (they run outside torch.compile's graph) mark its two calls inside imm_loss: with
+    gradients (online) or without (target); the time between them and around them is the MMD and interpolants."""
     cuda = device.type == "cuda"
-    event = (lambda: torch.cuda.Event(enable_timing=True)) if cuda else WallClockEvent
-    spans = []
+    marks = []
 
-    def timed_model(*args, **kwargs):
-        start, end = event(), event()
-        start.record()
-        out = model(*args, **kwargs)
-        end.record()
-        spans.append(("online_forward" if torch.is_grad_enabled() else "target_forward", start, end))
-        return out
+    def mark(phase):
+        event = torch.cuda.Event(enable_timing=True) if cuda else WallClockEvent()
+        event.record()
+        marks.append((phase, event))
 
-    for a, (x, noise, times) in enumerate(batches):
-        sync = a == accum - 1 or not isinstance(model, DDP)
-        with (nullcontext() if sync else model.no_sync()):
-            e0, e1, e2 = event(), event(), event()
-            e0.record()
-            with autocast:
-                loss, _ = imm_loss(timed_model, x, cfg, times=times, noise=noise)
-            e1.record()
-            (loss / accum).backward()
-            e2.record()
-        spans += [("loss", e0, e1), ("backward", e1, e2)]
-    e0, e1 = event(), event()
-    e0.record()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    ema_update(ema, raw_model, ema_decay)
-    e1.record()
-    spans.append(("optimiser_and_ema", e0, e1))
+    hooks = [model.register_forward_pre_hook(
+                 lambda *_: mark("online_forward" if torch.is_grad_enabled() else "target_forward")),
+             model.register_forward_hook(lambda *_: mark("mmd_and_interpolants"))]
+    try:
+        train_step(model, raw_model, ema, opt, batches, cfg, accum, ema_decay, autocast, mark)
+    finally:
+        for hook in hooks:
+            hook.remove()
     if cuda:
         torch.cuda.synchronize()
     ms = {}
-    for name, start, end in spans:
-        ms[name] = ms.get(name, 0.0) + start.elapsed_time(end)
-    ms["mmd_and_interpolants"] = ms.pop("loss") - ms["online_forward"] - ms["target_forward"]
+    for (phase, start), (_, end) in zip(marks, marks[1:]):
+        ms[phase] = ms.get(phase, 0.0) + start.elapsed_time(end)
     return ms
 
 
@@ -367,7 +358,8 @@ def bench(model, raw_model, ema, opt, make_batches, cfg, accum, args, flops_img,
     runs = [phase_times(model, raw_model, ema, opt, make_batches(i), cfg, accum, args.ema, autocast, device)
             for i in range(5)]
     say("bench: time per phase of one step (ms, median of 5): " +
-        ", ".join(f"{k} {sorted(r[k] for r in runs)[2]:.1f}" for k in runs[0]))
+        ", ".join(f"{k} {sorted(r[k] for r in runs)[2]:.1f}" for k in
+                  ("online_forward", "target_forward", "backward", "optimiser_and_ema", "mmd_and_interpolants")))
     if device.type != "cuda":
         return
     from torch.profiler import ProfilerActivity, profile
