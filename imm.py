@@ -519,10 +519,6 @@ def mmd_squared(y_t, y_r, w_tilde, cfg):
     return k_tt + k_rr - 2 * k_tr
 
 
-def _per_particle(v, M):
-    return v.repeat_interleave(M)
-
-
 def imm_loss(model, x, cfg, times=None, noise=None, labels=None):
     """Eq. 12 (Algorithm 1): one IMM loss over a batch split into B / M groups of M particles.
 
@@ -541,7 +537,7 @@ def imm_loss(model, x, cfg, times=None, noise=None, labels=None):
     G = B // M
     if times is None:
         times = sample_times(G, cfg, device=x.device)
-    t, r, s = (_per_particle(v.to(x.device), M) for v in times)
+    t, r, s = (v.to(x.device).repeat_interleave(M) for v in times)   # one time per particle
     if noise is None:
         noise = torch.randn_like(x) * cfg.sigma_d
     x_t = interpolate(x, noise, t=t, schedule=cfg.schedule)
@@ -846,10 +842,8 @@ def save_image_grid(x, path, nrow=None):
     N, H, W, C = img.shape
     nrow = nrow or math.ceil(math.sqrt(N))
     rows = math.ceil(N / nrow)
-    grid = torch.zeros(rows * H, nrow * W, C, dtype=torch.uint8)
-    for i in range(N):
-        r, c = divmod(i, nrow)
-        grid[r * H:(r + 1) * H, c * W:(c + 1) * W] = img[i]
+    img = torch.cat([img, img.new_zeros(rows * nrow - N, H, W, C)])   # black cells after the last image
+    grid = img.reshape(rows, nrow, H, W, C).transpose(1, 2).reshape(rows * H, nrow * W, C)
     Image.fromarray(grid.squeeze(-1).numpy() if C == 1 else grid.numpy()).save(path)
 
 
