@@ -195,8 +195,12 @@ class IMMModel(nn.Module):
         x_in = (_expand(c_in(t, self.cfg), x_t) * x_t).to(net_dtype)
         return self.model(x_in, self.cfg.time_scale * t, self.cfg.time_scale * second, labels)
 
-    def forward(self, x_t, t, s, labels=None):
+    def forward(self, x_t, t, s, labels=None, raw=False):
+        """f_{s,t}(x_t); raw=True returns G instead (the flow-matching baseline regresses G, and going through
+        forward keeps torch.compile and DDP wrappers in the path)."""
         G = self.network_output(x_t, t=t, s=s, labels=labels)
+        if raw:
+            return G
         c_skip, c_out = f_coefficients(s=self._times(s, x_t), t=self._times(t, x_t), cfg=self.cfg)
         return _expand(c_skip, x_t) * x_t + _expand(c_out, x_t) * G.to(x_t.dtype)
 
@@ -572,7 +576,7 @@ def fm_loss(model, x, cfg, times=None, noise=None, labels=None):
     if noise is None:
         noise = torch.randn_like(x) * cfg.sigma_d
     x_t = interpolate(x, noise, t=times.t, schedule=cfg.schedule)
-    G = model.network_output(x_t, t=times.t, s=times.s, labels=labels).to(x.dtype)
+    G = model(x_t, t=times.t, s=times.s, labels=labels, raw=True).to(x.dtype)
     per_sample = (cfg.sigma_d * G - (noise - x)).square().flatten(1).mean(1)
     return per_sample.mean(), dict(t=times.t.detach(), mse=per_sample.detach())
 

@@ -32,12 +32,35 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from imm import (DDPMpp, IMMConfig, IMMModel, OFFICIAL_CIFAR10_URL, Times, decode_images, ema_update, imm_loss,
+from imm import (DDPMpp, IMMConfig, IMMModel, OFFICIAL_CIFAR10_URL, Times, decode_images, ema_update, fm_loss, imm_loss,
                  load_official, sample_images, sample_times, save_image_grid)
 
 # -----------------------------------------------------------------------------------------------
 # Config: the paper's CIFAR-10 recipe as defaults; every value can be changed from the command line
 # -----------------------------------------------------------------------------------------------
+
+# Precision policy. The target y_r = f_{s,r}(x_r) differs from the online y_t = f_{s,t}(x_t) only through t - r, which
+# near T is ~2e-7 (App. C.6 with k = 15); the Laplace kernel's gradient is the unit vector along y_r - y_t, so that
+# difference must come out of the network with its direction intact. Relative error of y_t - y_r against float64
+# (README "Precision", measured on a DDPM++ with random weights): bf16 0.1 at t = 0.5 but 2.4 at 0.9 and 500 at T;
+# TF32 convs (the paper's default) 37 at T; every mode stays below 0.25 at all t once t - r >= 1e-3 (bf16) or
+# 1e-4 (fp16, TF32), the minimum gap of App. I.6. The defaults below were chosen by the learning curves in the README.
+PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # mode -> autocast dtype
+DEFAULT_PRECISION, DEFAULT_MIN_GAP, DEFAULT_TEMB = "bf16", 1e-3, "stride"
+
+
+def precision_setup(precision, device_type):
+    """The network's autocast context and, for fp16, a loss scaler; sets cuBLAS/cuDNN's TF32 switches (fp32: off).
+    fp32 master weights and the kernel, weighting and interpolants in fp32 or better in every mode."""
+    if device_type == "cuda":
+        tf32 = precision != "fp32"
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    dtype = PRECISIONS[precision]
+    autocast = torch.autocast(device_type, dtype=dtype) if dtype is not None else nullcontext()
+    # fp16's 5 exponent bits underflow the small IMM gradients (the loss is ~1e-3) without loss scaling
+    scaler = torch.amp.GradScaler(device_type) if dtype == torch.float16 else None
+    return autocast, scaler
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):   # show defaults, except empty ones
@@ -65,8 +88,14 @@ def get_parser():
     a("--attn", default="16", help="resolutions with self-attention, comma separated ('' for none)")
     a("--dropout", type=float, default=0.2, help="dropout inside the residual blocks")
     # IMM (other settings are imm.IMMConfig's CIFAR defaults)
+    a("--loss", choices=["imm", "fm"], default="imm",
+      help="imm (Eq. 12), or the flow-matching baseline on the same network (euler_fm f-type; sample with many steps)")
     a("--M", type=int, default=4, help="particles per group of the MMD estimate; micro-batches are multiples of it")
     a("--k", type=int, default=15, help="r(s,t) step: delta eta = (eta(T) - eta(t_min)) / 2^k")
+    a("--min-gap", type=float, default=DEFAULT_MIN_GAP,
+      help="App. I.6: keep t - r >= this (0 = the paper's CIFAR recipe); low precision cannot resolve smaller gaps")
+    a("--temb", choices=["identity", "stride"], default=DEFAULT_TEMB,
+      help="second time input of the network: s (identity, the released CIFAR model) or t - s (stride, App. I.6)")
     # optimisation
     a("--batch", type=int, default=4096, help="global batch, split evenly over the processes")
     a("--batch-gpu", type=int, default=0,
@@ -74,10 +103,13 @@ def get_parser():
     a("--lr", type=float, default=1e-4, help="RAdam learning rate (constant after warmup)")
     a("--warmup-kimg", type=float, default=0, help="linear LR warmup over this many thousand images (0 = none)")
     a("--ema", type=float, default=0.9999, help="EMA decay per optimiser step (the EMA is used for samples only)")
+    a("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
+      help="EMA decay min(--ema, (1 + n) / (10 + n)) at step n, so short runs have a useful EMA")
     a("--max-steps", type=int, default=400_000, help="stop after this many optimiser steps")
     a("--max-kimg", type=float, default=0, help="also stop after this many thousand images (0 = no limit)")
-    a("--precision", choices=["bf16", "fp32"], default="bf16",
-      help="bf16 autocast with fp32 master weights, or fp32 with TF32 matmuls (CPU: always fp32)")
+    a("--precision", choices=list(PRECISIONS), default=DEFAULT_PRECISION,
+      help="network arithmetic, fp32 master weights always: fp32 (strict), tf32 (fp32 with TF32 tensor cores, the "
+           "paper's), bf16 or fp16 autocast (fp16 with loss scaling). CPU: always fp32")
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
       help="torch.compile the model (default: on with CUDA, off on CPU; the first steps then take ~3 min)")
     a("--compile-mode", default="default", help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs")
@@ -98,8 +130,11 @@ def get_parser():
                                                  "(also checks that the loss is finite)")
     a("--ckpt-every", type=int, default=10_000, help="write ckpt.pt every this many steps (0 = only at the end)")
     a("--grid-every", type=int, default=10_000, help="save 1- and 2-step EMA sample grids this often (0 = never)")
+    a("--dump-every", type=int, default=0, help="write --dump-n 1- and 2-step samples of the live and EMA weights "
+      "as uint8 NHWC arrays in samples_<step>.npz this often, for offline scoring (0 = never)")
+    a("--dump-n", type=int, default=5000, help="samples per array in --dump-every")
     a("--peak-tflops", type=float, default=0,
-      help="peak TFLOP/s per GPU for MFU; 0 = H100 SXM dense: 989 for bf16, 494 for fp32 (TF32)")
+      help="peak TFLOP/s per GPU for MFU; 0 = H100 SXM dense: 989 for bf16/fp16, 494 for TF32, 67 for fp32")
     # evaluation
     a("--ckpt", default="", help="checkpoint for --sample/--fid (default: --resume)")
     a("--official", nargs="?", const=OFFICIAL_CIFAR10_URL, default=None, metavar="PATH|URL",
@@ -258,23 +293,39 @@ def micro_batches(data, draws, lo, batch_gpu, accum, M):
 # One optimiser step (a function so that it can be timed on its own)
 # -----------------------------------------------------------------------------------------------
 
-def train_step(model, raw_model, ema, opt, batches, cfg, accum, ema_decay, autocast, mark=None):
+N_TIME_BINS = 8   # the loss is logged per bin of t, like minRF, to show which times learn
+
+
+def train_step(model, raw_model, ema, opt, batches, cfg, accum, ema_decay, autocast, mark=None, scaler=None,
+               bins=None, loss_fn=imm_loss):
     """Accumulate the gradient of mean_groups w * MMD^2 over the micro-batches (DDP averages the ranks:
     equal-sized micro-batches make this the mean over all groups of the global batch), then RAdam and EMA.
-    `mark(phase)`, if given, is called as each phase starts (--bench times the phases with it)."""
+    `mark(phase)`, if given, is called as each phase starts (--bench times the phases with it). `scaler`: fp16's
+    GradScaler. `bins`, if given, a [3, N_TIME_BINS] tensor that accumulates sum w MMD^2, sum MMD^2 and the group
+    count per bin of t. `loss_fn`: imm_loss, or fm_loss for the flow-matching baseline (one time per image)."""
     mark = mark or (lambda phase: None)
     loss_sum = torch.zeros((), device=next(raw_model.parameters()).device)
     for a, (x, noise, times) in enumerate(batches):
         sync = a == accum - 1 or not isinstance(model, DDP)
         with (nullcontext() if sync else model.no_sync()):
             mark("mmd_and_interpolants")
+            if loss_fn is fm_loss:
+                times = Times(*(v.repeat_interleave(cfg.M) for v in times))
             with autocast:
-                loss, _ = imm_loss(model, x, cfg, times=times, noise=noise)
+                loss, stats = loss_fn(model, x, cfg, times=times, noise=noise)
             mark("backward")
-            (loss / accum).backward()
+            (loss / accum if scaler is None else scaler.scale(loss / accum)).backward()
         loss_sum += loss.detach()
+        if bins is not None:
+            b = ((stats["t"] - cfg.t_min) / (cfg.T - cfg.t_min) * N_TIME_BINS).long().clamp(0, N_TIME_BINS - 1)
+            err = stats["mmd2"] if "mmd2" in stats else stats["mse"]
+            bins.index_add_(1, b, torch.stack([stats.get("w", 1) * err, err, torch.ones_like(err)]).to(bins.dtype))
     mark("optimiser_and_ema")
-    opt.step()
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)   # skips the step if the scaled gradient overflowed
+        scaler.update()
     opt.zero_grad(set_to_none=True)
     ema_update(ema, raw_model, ema_decay)
     mark("end")
@@ -290,7 +341,7 @@ class WallClockEvent:
         return (end.t - self.t) * 1000
 
 
-def phase_times(model, raw_model, ema, opt, batches, cfg, accum, ema_decay, autocast, device):
+def phase_times(model, raw_model, ema, opt, batches, cfg, accum, ema_decay, autocast, device, scaler=None):
     """One train_step with an event at the start of each phase: milliseconds per phase (GPU time on CUDA). Hooks on
     the outermost module (they run outside torch.compile's graph) mark its two calls inside imm_loss: with
     gradients (online) or without (target); the time between them and around them is the MMD and interpolants."""
@@ -306,7 +357,7 @@ def phase_times(model, raw_model, ema, opt, batches, cfg, accum, ema_decay, auto
                  lambda *_: mark("online_forward" if torch.is_grad_enabled() else "target_forward")),
              model.register_forward_hook(lambda *_: mark("mmd_and_interpolants"))]
     try:
-        train_step(model, raw_model, ema, opt, batches, cfg, accum, ema_decay, autocast, mark)
+        train_step(model, raw_model, ema, opt, batches, cfg, accum, ema_decay, autocast, mark, scaler)
     finally:
         for hook in hooks:
             hook.remove()
@@ -318,20 +369,20 @@ def phase_times(model, raw_model, ema, opt, batches, cfg, accum, ema_decay, auto
     return ms
 
 
-def bench(model, raw_model, ema, opt, make_batches, cfg, accum, args, flops_img, peak, device, say):
+def bench(model, raw_model, ema, opt, make_batches, cfg, accum, args, flops_img, peak, device, say, autocast,
+          scaler):
     """--bench: N steps after 5 warm-up steps (compilation, cuDNN autotuning, allocator), timed with a synchronised
     clock; then the time of each phase of a step (median of 5; GPU time on CUDA) and, on CUDA, the profiler's top
     kernels."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.precision == "bf16" and device.type == "cuda" else nullcontext()
     for i in range(5):
-        train_step(model, raw_model, ema, opt, make_batches(i), cfg, accum, args.ema, autocast)
+        train_step(model, raw_model, ema, opt, make_batches(i), cfg, accum, args.ema, autocast, scaler=scaler)
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for i in range(args.bench):
-        train_step(model, raw_model, ema, opt, make_batches(i), cfg, accum, args.ema, autocast)
+        train_step(model, raw_model, ema, opt, make_batches(i), cfg, accum, args.ema, autocast, scaler=scaler)
     sync()
     ms = (time.perf_counter() - t0) / args.bench * 1000
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -351,11 +402,11 @@ def bench(model, raw_model, ema, opt, make_batches, cfg, accum, args, flops_img,
             warnings.showwarning = record
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                train_step(model, raw_model, ema, opt, make_batches(0), cfg, accum, args.ema, autocast)
+                train_step(model, raw_model, ema, opt, make_batches(0), cfg, accum, args.ema, autocast, scaler=scaler)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         say(f"bench: host syncs in one step: {len(syncs)}" + "".join(f"\n  {s}" for s in syncs[:5]))
-    runs = [phase_times(model, raw_model, ema, opt, make_batches(i), cfg, accum, args.ema, autocast, device)
+    runs = [phase_times(model, raw_model, ema, opt, make_batches(i), cfg, accum, args.ema, autocast, device, scaler)
             for i in range(5)]
     say("bench: time per phase of one step (ms, median of 5): " +
         ", ".join(f"{k} {sorted(r[k] for r in runs)[2]:.1f}" for k in
@@ -365,7 +416,7 @@ def bench(model, raw_model, ema, opt, make_batches, cfg, accum, args, flops_img,
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(3):
-            train_step(model, raw_model, ema, opt, make_batches(i), cfg, accum, args.ema, autocast)
+            train_step(model, raw_model, ema, opt, make_batches(i), cfg, accum, args.ema, autocast, scaler=scaler)
         sync()
     say("bench: top kernels over 3 steps\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
 
@@ -450,6 +501,15 @@ def save_grids(model, out_dir, tag, n, device):
     return paths
 
 
+def dump_samples(raw_model, ema, path, n, device):
+    """1- and 2-step samples (seed 0) of the live and the EMA weights as uint8 NHWC arrays live_1, live_2, ema_1,
+    ema_2 in one .npz (written atomically), for scoring outside the training run."""
+    arrays = {f"{name}_{steps}": generate(m, n, steps, 0, device).numpy()
+              for name, m in (("live", raw_model), ("ema", ema)) for steps in (1, 2)}
+    np.savez(path + ".tmp.npz", **arrays)
+    os.replace(path + ".tmp.npz", path)
+
+
 def fid_setup():
     """Import torch-fidelity and make sure its Inception weights are on disk, before any sample is drawn.
     torch-fidelity fetches them with torch.hub into $TORCH_HOME/hub/checkpoints; offline that fails late and
@@ -505,8 +565,6 @@ def main(argv=None):
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls (fp32 mode and the parts autocast keeps in fp32)
-        torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True       # fixed shapes: let cuDNN time its algorithms once per shape
     if ddp:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30),
@@ -579,7 +637,10 @@ def main(argv=None):
 
     # Model, EMA and optimiser: fp32 master weights; the target pass uses the live weights (spec 0a)
     net_cfg = ckpt["net"] if ckpt else net_kwargs(args)
-    cfg = IMMConfig(**ckpt["imm"]) if ckpt else IMMConfig(M=args.M, k=args.k)
+    method = ckpt["args"].get("loss", "imm") if ckpt else args.loss
+    cfg = IMMConfig(**ckpt["imm"]) if ckpt else IMMConfig(M=args.M, k=args.k, min_gap=args.min_gap, temb=args.temb,
+                                                          f_type="euler_fm" if method == "fm" else "simple_edm")
+    loss_fn = fm_loss if method == "fm" else imm_loss
     seed = ckpt["args"]["seed"] if ckpt else args.seed
     if batch_gpu % cfg.M:
         stop(f"the checkpoint's M={cfg.M} does not divide the per-GPU micro-batch {batch_gpu}")
@@ -596,10 +657,12 @@ def main(argv=None):
         say(f"resumed from {ckpt_path} at step {step}")
     elif args.resume:
         say("--resume auto: no checkpoint yet, starting from scratch")
-    bf16 = args.precision == "bf16" and use_cuda
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    precision = args.precision if use_cuda else "fp32"
+    autocast, scaler = precision_setup(precision, device.type)
+    if scaler is not None and ckpt and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
     flops_img = flops_per_image(net_cfg, cfg)
-    peak = (args.peak_tflops or (989 if bf16 else 494)) * 1e12
+    peak = (args.peak_tflops or {"fp32": 67, "tf32": 494}.get(precision, 989)) * 1e12
     compile_ = use_cuda if args.compile is None else args.compile
     channels_last = compile_ if args.channels_last is None else args.channels_last
     if channels_last:
@@ -612,7 +675,7 @@ def main(argv=None):
     accum, n_params = per_rank // batch_gpu, sum(p.numel() for p in raw_model.parameters())
     total_steps = min(args.max_steps, math.ceil(args.max_kimg * 1000 / args.batch)) if args.max_kimg else args.max_steps
     say(f"run {run_dir}: {n_params / 1e6:.2f}M params, {world} process(es) on {device.type}, batch {args.batch} = "
-        f"{world} x {accum} x {batch_gpu}, {'bf16 autocast' if bf16 else 'fp32'}"
+        f"{world} x {accum} x {batch_gpu}, loss {method}, {precision}, min gap {cfg.min_gap:g}, temb {cfg.temb}"
         f"{', compiled' if compile_ else ''}{', channels_last' if channels_last else ''}, {flops_img / 1e9:.2f} GFLOPs/img, "
         f"{len(data)} images, steps {step} -> {total_steps}")
     if master:
@@ -622,46 +685,57 @@ def main(argv=None):
 
     def checkpoint_state():
         return dict(step=step, model=raw_model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
-                    net=dict(net_cfg), imm=asdict(cfg), args=dict(vars(args), seed=seed))
+                    scaler=scaler.state_dict() if scaler is not None else None, net=dict(net_cfg), imm=asdict(cfg),
+                    args=dict(vars(args), seed=seed))
 
     if args.bench:
         make = lambda i: micro_batches(data, global_batch(i, seed, len(data), args.batch, cfg, args.xflip, device),
                                        rank * per_rank, batch_gpu, accum, cfg.M)
-        bench(model, raw_model, ema, opt, make, cfg, accum, args, flops_img, peak, device, say)
+        bench(model, raw_model, ema, opt, make, cfg, accum, args, flops_img, peak, device, say, autocast, scaler)
         return
 
     # Training loop
     loss_acc, steps_acc, t_last, last_good = torch.zeros((), device=device), 0, time.time(), ckpt_path
+    bins = torch.zeros(3, N_TIME_BINS, dtype=torch.float64, device=device)
     while step < total_steps:
         lr = args.lr * min(1.0, (step + 1) * args.batch / (args.warmup_kimg * 1000)) if args.warmup_kimg else args.lr
         for group in opt.param_groups:
             group["lr"] = lr
+        ema_decay = min(args.ema, (1 + step) / (10 + step)) if args.ema_warmup else args.ema
         torch.manual_seed(step_seed(seed, step, 1 + rank))  # this rank's dropout masks for this step
         draws = global_batch(step, seed, len(data), args.batch, cfg, args.xflip, device)
         batches = micro_batches(data, draws, rank * per_rank, batch_gpu, accum, cfg.M)
-        loss_acc += train_step(model, raw_model, ema, opt, batches, cfg, accum, args.ema, autocast)
+        loss_acc += train_step(model, raw_model, ema, opt, batches, cfg, accum, ema_decay, autocast, scaler=scaler,
+                               bins=bins, loss_fn=loss_fn)
         step, steps_acc = step + 1, steps_acc + 1
 
         is_ckpt = step == total_steps or (args.ckpt_every and step % args.ckpt_every == 0)
         if step % args.log_every == 0 or is_ckpt:  # every check syncs: sum the ranks' losses, test them, log
             if ddp:
                 dist.all_reduce(loss_acc)
+                dist.all_reduce(bins)
             loss = loss_acc.item() / (steps_acc * world)
+            per_bin = [[v if n else None for v, n in zip(row, bins[2].tolist())]   # None: no group fell in the bin
+                       for row in (bins[:2] / bins[2].clamp_min(1)).tolist()]
             if not math.isfinite(loss):
                 stop(f"loss is {loss} within steps {step - steps_acc + 1}..{step}: training stopped; "
                      f"the last good checkpoint is {last_good or 'none (none was written yet)'}")
             dt, t_last = time.time() - t_last, time.time()
             img_s = steps_acc * args.batch / dt
             mem = torch.cuda.max_memory_allocated(device) / 2**30 if use_cuda else 0.0
-            rec = dict(step=step, kimg=step * args.batch / 1000, loss=loss, lr=lr, img_s=img_s,
+            edges = [cfg.t_min + (cfg.T - cfg.t_min) * i / N_TIME_BINS for i in range(N_TIME_BINS + 1)]
+            rec = dict(step=step, kimg=step * args.batch / 1000, loss=loss, lr=lr, ema_decay=ema_decay, img_s=img_s,
                        img_s_gpu=img_s / world, mfu=flops_img * img_s / world / peak, mem_gb=mem,
-                       eta_h=(total_steps - step) * dt / steps_acc / 3600)
-            say(f"step {step} | kimg {rec['kimg']:.1f} | loss {loss:.4e} | {img_s:.0f} img/s "
-                f"({img_s / world:.0f}/gpu) | mfu {rec['mfu']:.1%} | mem {mem:.1f} GB | eta {rec['eta_h']:.1f} h")
+                       eta_h=(total_steps - step) * dt / steps_acc / 3600, t_bin_edges=edges,
+                       loss_per_t_bin=per_bin[0], mmd2_per_t_bin=per_bin[1])
+            say(f"step {step} | kimg {rec['kimg']:.1f} | loss {loss:.4e} | w*mmd2 by t "
+                f"[{' '.join('-' if v is None else f'{v:.1e}' for v in per_bin[0])}] | {img_s:.0f} img/s ({img_s / world:.0f}/gpu) | "
+                f"mfu {rec['mfu']:.1%} | mem {mem:.1f} GB | eta {rec['eta_h']:.1f} h", flush=True)
             if master:
                 with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
                     f.write(json.dumps(rec) + "\n")
             loss_acc, steps_acc = torch.zeros((), device=device), 0
+            bins.zero_()
 
         if is_ckpt:  # a finite loss with non-finite weights (an inf gradient) must not overwrite a good file either
             if not all(p.isfinite().all() for p in raw_model.parameters()):   # same on every rank
@@ -672,6 +746,8 @@ def main(argv=None):
             last_good = os.path.join(run_dir, "ckpt.pt")
         if master and args.grid_every and (step % args.grid_every == 0 or step == total_steps):
             save_grids(ema, run_dir, f"_{step:07d}", args.n_grid, device)
+        if master and args.dump_every and step % args.dump_every == 0:
+            dump_samples(raw_model, ema, os.path.join(run_dir, f"samples_{step:07d}.npz"), args.dump_n, device)
 
     say(f"done: {step} steps, checkpoint {last_good}")
     if ddp:
