@@ -916,7 +916,8 @@ def train_2d(method, cfg, data="checkerboard", steps=3000, batch=1024, lr=1e-3, 
              width=128, depth=3, ema_decay=0.995, callback=None):
     """Train MLP + IMMModel on 2D data with `method` 'imm' or 'fm'; returns (EMA model, losses).
 
-    callback(step, model, ema), if given, runs every 100 steps (the notebook plots progress with it).
+    callback(step, model, ema), if given, runs every 100 steps and after the last one (the notebook plots progress
+    with it; the demo prints it).
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -935,7 +936,7 @@ def train_2d(method, cfg, data="checkerboard", steps=3000, batch=1024, lr=1e-3, 
         opt.step()
         ema_update(ema, model, ema_decay)
         losses.append(loss.item())
-        if callback is not None and (step + 1) % 100 == 0:
+        if callback is not None and ((step + 1) % 100 == 0 or step + 1 == steps):
             callback(step + 1, model, ema)
     return ema, losses
 
@@ -946,24 +947,50 @@ def sample_2d(model, n, n_steps, seed=0, kind="uniform"):
     return pushforward_sample(model, x_T, timesteps(n_steps, kind, model.cfg)).float()
 
 
-def main():
-    p = argparse.ArgumentParser(description="IMM vs flow matching on 2D data (CPU, about a minute).")
+class ArgParser(argparse.ArgumentParser):
+    """argparse that reports a bad option in one line (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
+def int_at_least(lo, multiple_of=1):
+    """argparse type: an integer >= lo (and a multiple of `multiple_of`)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+        if value < lo or value % multiple_of:
+            extra = f" and a multiple of {multiple_of}" if multiple_of > 1 else ""
+            raise argparse.ArgumentTypeError(f"must be at least {lo}{extra}, got {value}")
+        return value
+    return parse
+
+
+def main(argv=None):
+    p = ArgParser(description="IMM vs flow matching on 2D data (CPU, about a minute).")
     p.add_argument("--data", default="checkerboard", choices=["checkerboard", "gaussians"])
-    p.add_argument("--steps", type=int, default=2000, help="training steps for each method")
-    p.add_argument("--batch", type=int, default=512, help="training batch (a multiple of M=4)")
-    p.add_argument("--n-eval", type=int, default=10000, help="samples for the sliced Wasserstein distance")
+    p.add_argument("--steps", type=int_at_least(1), default=2000, help="training steps for each method")
+    p.add_argument("--batch", type=int_at_least(4, multiple_of=4), default=512, help="training batch (a multiple of M=4)")
+    p.add_argument("--n-eval", type=int_at_least(2), default=10000, help="samples for the sliced Wasserstein distance")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="imm_2d.png", help="where to write the figure")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(min(4, torch.get_num_threads()))
+
+    def progress(step, model, ema):   # one flushed line every 500 steps, so a redirected run shows it is alive
+        if step % 500 == 0 or step == args.steps:
+            print(f"  {method.upper()} step {step}/{args.steps} ({time.time() - t0:.0f}s)", flush=True)
 
     cfg_imm, cfg_fm = IMMConfig.toy(), IMMConfig.toy()
     results, samples = {}, {}
     for method, cfg in (("imm", cfg_imm), ("fm", cfg_fm)):
         t0 = time.time()
-        model, losses = train_2d(method, cfg, args.data, args.steps, args.batch, seed=args.seed)
+        model, losses = train_2d(method, cfg, args.data, args.steps, args.batch, seed=args.seed, callback=progress)
+        tail = losses[-100:]
         print(f"trained {method.upper():>3} for {args.steps} steps in {time.time() - t0:.1f}s "
-              f"(final loss {sum(losses[-100:]) / 100:.4g})")
+              f"(final loss {sum(tail) / len(tail):.4g})", flush=True)
         for n in (1, 2, 4, 8) + ((100,) if method == "fm" else ()):
             samples[method, n] = sample_2d(model, args.n_eval, n, seed=args.seed + 10)
     data_gen = torch.Generator().manual_seed(args.seed + 20)

@@ -452,6 +452,9 @@ def test_the_demo_runs_from_the_command_line(tmp_path):
                           "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "floor (two independent data draws)" in res.stdout and out.stat().st_size > 10000
+    lines = res.stdout.splitlines()   # progress while each method trains, then its summary
+    assert lines[0].startswith("  IMM step 20/20 (") and lines[1].startswith("trained IMM for 20 steps")
+    assert lines[2].startswith("  FM step 20/20 (") and lines[3].startswith("trained  FM for 20 steps")
     help_text = subprocess.run([sys.executable, os.path.join(HERE, "imm.py"), "--help"], capture_output=True, text=True).stdout
     for option in ("--steps", "--seed", "--out", "--data"):
         assert option in help_text
@@ -1308,6 +1311,198 @@ def test_help_explains_every_option():
     for action in parser._actions:
         assert action.help, f"{action.option_strings} has no help"
     assert "989" in parser.format_help() and "494" in parser.format_help()
+
+
+# ---------------------------------------------------------------------------------------------
+# Never lose a run, resume what was started, answer every bad input in one line
+# ---------------------------------------------------------------------------------------------
+
+def test_a_new_run_never_writes_into_a_folder_that_holds_one(tmp_path):
+    train_tiny(tmp_path, "--max-steps", "2")
+    before = {f: (tmp_path / f).read_bytes() for f in ("ckpt.pt", "log.jsonl", "args.json")}
+    with pytest.raises(SystemExit, match=f"{tmp_path} already holds a run .*--resume {tmp_path}"):
+        train_tiny(tmp_path, "--max-steps", "3")
+    assert {f: (tmp_path / f).read_bytes() for f in before} == before
+
+
+def test_resume_takes_every_training_option_from_the_checkpoint(tmp_path, monkeypatch, capsys):
+    options = ["--batch", "16", "--lr", "3e-4", "--ema", "0.5", "--xflip", "--no-ema-warmup", "--log-every", "1"]
+    train_tiny(tmp_path / "full", *options, "--max-steps", "4")
+    train_tiny(tmp_path / "part", *options, "--max-steps", "2")
+    monkeypatch.setattr(train_cifar, "load_dataset", lambda *a, **k: pytest.fail("a --fake-data run loaded data"))
+    capsys.readouterr()
+    train_cifar.main(["--resume", str(tmp_path / "part"), "--max-steps", "4"])   # nothing else on the command line
+    out = capsys.readouterr().out
+    assert "batch 16 = 1 x 1 x 16" in out and "--max-steps 4 (was 2)" in out and "steps 2 -> 4" in out
+    full, part = read_log(tmp_path / "full"), read_log(tmp_path / "part")
+    assert [r["loss"] for r in part] == [r["loss"] for r in full] and [r["lr"] for r in part] == [3e-4] * 4
+    saved = json.loads((tmp_path / "part" / "args.json").read_text())
+    assert (saved["batch"], saved["lr"], saved["fake_data"], saved["channels"]) == (16, 3e-4, True, 16)
+    for bad, shown in ((["--channels", "32"], "--channels 32"), (["--M", "8"], "--M 8"), (["--seed", "1"], "--seed 1"),
+                       (["--loss", "fm"], "--loss fm"), (["--temb", "identity"], "--temb identity")):
+        with pytest.raises(SystemExit, match=f"cannot resume with {shown}: a resumed run keeps its network"):
+            train_cifar.main(["--resume", str(tmp_path / "part"), "--max-steps", "5", *bad])
+
+
+def test_resume_after_a_kill_drops_the_log_lines_past_the_checkpoint(tmp_path):
+    train_tiny(tmp_path / "full", "--max-steps", "4")
+    train_tiny(tmp_path / "part", "--max-steps", "2")
+    with open(tmp_path / "part" / "log.jsonl", "a") as f:    # logged after the checkpoint, then kill -9
+        f.write(json.dumps(dict(step=3, loss=1.0)) + "\n")
+    train_cifar.main(["--resume", str(tmp_path / "part"), "--max-steps", "4"])
+    part = read_log(tmp_path / "part")
+    assert [r["step"] for r in part] == [1, 2, 3, 4]
+    assert [r["loss"] for r in part] == [r["loss"] for r in read_log(tmp_path / "full")]
+
+
+def test_damaged_and_foreign_checkpoints_get_one_line_naming_the_file(tmp_path):
+    train_tiny(tmp_path / "run", "--max-steps", "1")
+    good = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    bad = {"random.pt": np.random.default_rng(0).bytes(4096), "truncated.pt": good[:len(good) // 2]}
+    for name, blob in bad.items():
+        (tmp_path / name).write_bytes(blob)
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, ("echo pwned",)
+    torch.save({"net": Evil()}, tmp_path / "evil.pt")
+    for name, message in (("random.pt", "cannot be read as a checkpoint"), ("truncated.pt", "cannot be read"),
+                          ("evil.pt", "cannot be read"), ("foreign.pt", "is not a train_cifar.py checkpoint")):
+        for argv in (["--resume", str(tmp_path / name)], ["--sample", "--ckpt", str(tmp_path / name)]):
+            with pytest.raises(SystemExit) as e:
+                train_cifar.main(argv + ["--run-dir", str(tmp_path / "out")])
+            text = str(e.value)
+            assert str(tmp_path / name) in text and message in text and "\n" not in text, text
+            assert "weights_only=False" not in text and "Traceback" not in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dropout", "1.5"], "argument --dropout: must be in [0, 1), got 1.5"),
+    (["--channel-mult", "abc"], "argument --channel-mult: expected comma-separated positive integers"),
+    (["--channels", "0"], "argument --channels: must be at least 1, got 0"),
+    (["--ema", "2"], "argument --ema: must be in [0, 1), got 2"),
+    (["--max-steps", "-5"], "argument --max-steps: must be at least 1, got -5"),
+    (["--lr", "x"], "argument --lr: expected a number, got 'x'"),
+    (["--device", "gpu"], "argument --device: invalid choice: 'gpu'"),
+])
+def test_bad_options_are_refused_at_parse_time_in_one_line(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        train_cifar.main(argv + ["--fake-data", "--run-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_demo_refuses_bad_options_in_one_line(capsys):
+    for argv, message in ((["--steps", "-1"], "argument --steps: must be at least 1, got -1"),
+                          (["--batch", "10"], "argument --batch: must be at least 4 and a multiple of 4, got 10")):
+        with pytest.raises(SystemExit) as e:
+            imm.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_cuda_without_a_gpu_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda, but PyTorch sees no CUDA GPU here: use --device cpu"):
+        train_tiny(tmp_path, "--device", "cuda")
+
+
+def test_a_mistyped_data_dir_is_not_left_behind(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(root, **k):
+        os.makedirs(root, exist_ok=True)   # as torchvision does before it fails
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    typo = tmp_path / "no" / "such" / "path"
+    with pytest.raises(SystemExit, match="could not download CIFAR-10"):
+        train_cifar.main(TINY_NET + ["--data-dir", str(typo), "--run-dir", str(tmp_path / "r")])
+    assert not typo.exists()
+
+
+def test_a_cpu_run_that_cannot_fit_in_memory_says_so_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_cifar, "available_memory_bytes", lambda: 24 * 2**30)
+    monkeypatch.chdir(tmp_path)
+    for argv in (["--bench", "20", "--batch", "512"], ["--fake-data", "--batch", "512", "--run-dir", "r"]):
+        with pytest.raises(SystemExit, match=r"a micro-batch of 512 images needs about \d+ GB .* 24 GB are available: "
+                                             r"use a GPU, --batch-gpu \d+ .*or --tiny"):
+            train_cifar.main(argv + ["--device", "cpu"])
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_activation_estimate_matches_what_a_cpu_step_keeps():
+    cfg, kw = IMMConfig(), dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(16,))
+    model, x = IMMModel(imm.DDPMpp(**kw), cfg), torch.rand(16, 3, 32, 32) * 2 - 1
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        imm.imm_loss(model, x, cfg)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}
+    estimate = train_cifar.activation_bytes_per_image(kw, cfg) * len(x)
+    assert 1 <= estimate / sum(storages.values()) < 1.5   # counted per saved tensor, so never an underestimate
+
+
+def test_benchmarks_write_no_run_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    train_cifar.main(TINY_NET + ["--bench", "1"])
+    assert "bench:" in capsys.readouterr().out and os.listdir(tmp_path) == []
+
+
+def test_console_lines_reach_a_pipe_as_they_are_printed(tmp_path):
+    cmd = [sys.executable, str(SCRIPT_DIR / "train_cifar.py"), *TINY_NET, "--fake-data", "--run-dir",
+           str(tmp_path / "r"), "--max-steps", "100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 1 |"):
+                break
+        logged = len(read_log(tmp_path / "r"))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert logged <= 5, f"the console lagged {logged} logged steps behind: block-buffered"   # 8 KB would be ~40
+
+
+def test_tiny_preset_applies_unless_options_are_given():
+    args, given = train_cifar.parse_args(["--tiny", "--channels", "48"])
+    assert (args.channels, args.channel_mult, args.num_blocks, args.batch) == (48, "1,2", 1, 32)
+    assert given == {"tiny": True, "channels": 48}
+
+def test_the_readme_cpu_smoke_run_trains_and_writes_a_checkpoint_and_grids(tmp_path):
+    line = next(l for l in Path(HERE, "README.md").read_text().splitlines() if l.startswith("python train_cifar.py --tiny"))
+    argv = line.split("#")[0].split()[2:]
+    argv[argv.index("--max-steps") + 1] = "2"   # the README's 20 steps take ~25 s on 2 cores; 2 show the same path
+    train_cifar.main(argv + ["--run-dir", str(tmp_path), "--grid-every", "2", "--n-grid", "4"])
+    ckpt = load_ckpt(tmp_path / "ckpt.pt")
+    assert ckpt["step"] == 2 and ckpt["net"]["model_channels"] == 32 and ckpt["args"]["batch"] == 32
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["samples_0000002_1step.png", "samples_0000002_2step.png"]
+
+
+def test_fid_during_training_logs_both_step_counts_with_an_injected_extractor(tmp_path, monkeypatch, capsys):
+    write_cifar_python(tmp_path / "data" / "cifar-10-batches-py")
+    monkeypatch.setattr(train_cifar, "fid_setup", lambda: None)
+    monkeypatch.setattr(train_cifar, "fid_feature_extractor",   # per-channel means and standard deviations
+                        lambda device: lambda x: torch.cat([x.float().mean((2, 3)), x.float().std((2, 3))], 1))
+    train_cifar.main(TINY_NET + ["--data-dir", str(tmp_path / "data"), "--run-dir", str(tmp_path / "r"),
+                                 "--max-steps", "2", "--fid-every", "2", "--fid-every-n", "6", "--fid-batch", "4"])
+    fid = [r for r in read_log(tmp_path / "r") if "fid_1step" in r]
+    assert len(fid) == 1 and fid[0]["step"] == 2 and fid[0]["fid_1step"] > 0 and fid[0]["fid_2step"] > 0
+    assert "FID (6 samples): 6 EMA pushforward samples vs 10 training images" in fid[0]["fid_protocol"]
+    assert f"step 2 | FID 1 step {fid[0]['fid_1step']:.2f}" in capsys.readouterr().out
+
+
+def test_fid_during_training_is_skipped_in_one_line_when_inception_is_unavailable(tmp_path, monkeypatch, capsys):
+    write_cifar_python(tmp_path / "data" / "cifar-10-batches-py")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
+    train_cifar.main(TINY_NET + ["--data-dir", str(tmp_path / "data"), "--run-dir", str(tmp_path / "r"),
+                                 "--max-steps", "2", "--fid-every", "1"])
+    out = capsys.readouterr().out
+    assert "--fid-every 1: skipped, training goes on without it" in out and "done: 2 steps" in out
+    assert not any("fid_1step" in r for r in read_log(tmp_path / "r"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import time
 import traceback
 import warnings
@@ -32,8 +33,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from imm import (DDPMpp, IMMConfig, IMMModel, OFFICIAL_CIFAR10_URL, Times, decode_images, ema_update, fm_loss, imm_loss,
-                 load_official, sample_images, sample_times, save_image_grid)
+from imm import (ArgParser, DDPMpp, IMMConfig, IMMModel, OFFICIAL_CIFAR10_URL, Times, decode_images, ema_update, fm_loss,
+                 imm_loss, int_at_least, load_official, sample_images, sample_times, save_image_grid)
 
 # -----------------------------------------------------------------------------------------------
 # Config: the paper's CIFAR-10 recipe as defaults; every value can be changed from the command line
@@ -68,9 +69,44 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):   # show defaults, 
         return action.help if action.default in ("", None, False) else super()._get_help_string(action)
 
 
+def float_in(lo, hi, hi_open=True):
+    """argparse type: a float in [lo, hi) (or [lo, hi])."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+        if not (lo <= value and (value < hi if hi_open else value <= hi)):
+            raise argparse.ArgumentTypeError(f"must be in [{lo:g}, {hi:g}{')' if hi_open else ']'}, got {text}")
+        return value
+    return parse
+
+
+def int_list(allow_empty):
+    """argparse type: comma-separated positive integers such as '2,2,2'."""
+    def parse(text):
+        try:
+            values = tuple(int(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            values = None
+        if values is None or any(v < 1 for v in values) or not (values or allow_empty):
+            raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 2,2,2, got {text!r}")
+        return ",".join(map(str, values))
+    return parse
+
+
+# --tiny: a network and batch that train on a laptop CPU (about 0.9M parameters); options given explicitly win
+TINY_PRESET = dict(channels=32, channel_mult="1,2", num_blocks=1, attn="16", batch=32, n_grid=16, ckpt_every=100,
+                   grid_every=100, log_every=10)
+# options that describe how this process runs, not the run itself: a resumed run takes them from the command line
+RUNTIME_OPTIONS = {"sample", "fid", "resume", "run_dir", "device", "compile", "compile_mode", "channels_last", "bench",
+                   "ckpt", "official", "fid_n", "fid_batch", "download"}
+
+
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = ArgParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     a = p.add_argument
+    pos, nonneg = int_at_least(1), int_at_least(0)
     # what to do (default: train)
     a("--sample", action="store_true", help="write 1- and 2-step EMA sample grids of --ckpt or --official, then exit")
     a("--fid", action="store_true", help="FID of 1- and 2-step EMA samples vs CIFAR-10 train, then exit")
@@ -81,75 +117,123 @@ def get_parser():
       help="download CIFAR-10 into --data-dir if that folder is new or empty")
     a("--fake-data", action="store_true", help="random images instead of a dataset: smoke tests and benchmarks only")
     a("--xflip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips (the paper's)")
-    # network: DDPM++ (spec 4.1); small values give the tiny networks of the tests
-    a("--channels", type=int, default=128, help="DDPM++ base channels (model_channels)")
-    a("--channel-mult", default="2,2,2", help="channel multiplier per resolution, comma separated")
-    a("--num-blocks", type=int, default=4, help="residual blocks per resolution")
-    a("--attn", default="16", help="resolutions with self-attention, comma separated ('' for none)")
-    a("--dropout", type=float, default=0.2, help="dropout inside the residual blocks")
+    # network: DDPM++ (paper App. I.1); small values give the tiny networks of the tests
+    a("--tiny", action="store_true", help="a tiny network and batch for a CPU smoke run: " +
+      " ".join(f"--{k.replace('_', '-')} {v}" for k, v in TINY_PRESET.items()) + " (explicit options win)")
+    a("--channels", type=pos, default=128, help="DDPM++ base channels (model_channels)")
+    a("--channel-mult", type=int_list(False), default="2,2,2", help="channel multiplier per resolution, comma separated")
+    a("--num-blocks", type=pos, default=4, help="residual blocks per resolution")
+    a("--attn", type=int_list(True), default="16", help="resolutions with self-attention, comma separated ('' for none)")
+    a("--dropout", type=float_in(0, 1), default=0.2, help="dropout inside the residual blocks")
     # IMM (other settings are imm.IMMConfig's CIFAR defaults)
     a("--loss", choices=["imm", "fm"], default="imm",
       help="imm (Eq. 12), or the flow-matching baseline on the same network (euler_fm f-type; sample with many steps)")
-    a("--M", type=int, default=4, help="particles per group of the MMD estimate; micro-batches are multiples of it")
-    a("--k", type=int, default=15, help="r(s,t) step: delta eta = (eta(T) - eta(t_min)) / 2^k")
-    a("--min-gap", type=float, default=DEFAULT_MIN_GAP,
+    a("--M", type=pos, default=4, help="particles per group of the MMD estimate; micro-batches are multiples of it")
+    a("--k", type=nonneg, default=15, help="r(s,t) step: delta eta = (eta(T) - eta(t_min)) / 2^k")
+    a("--min-gap", type=float_in(0, 0.5), default=DEFAULT_MIN_GAP,
       help="App. I.6: keep t - r >= this (0 = the paper's CIFAR recipe); low precision cannot resolve smaller gaps")
     a("--temb", choices=["identity", "stride"], default=DEFAULT_TEMB,
       help="second time input of the network: s (identity, the released CIFAR model) or t - s (stride, App. I.6)")
     # optimisation
-    a("--batch", type=int, default=4096, help="global batch, split evenly over the processes")
-    a("--batch-gpu", type=int, default=0,
+    a("--batch", type=pos, default=4096, help="global batch, split evenly over the processes")
+    a("--batch-gpu", type=nonneg, default=0,
       help="micro-batch per process (0 = batch / processes); smaller means gradient accumulation")
-    a("--lr", type=float, default=1e-4, help="RAdam learning rate (constant after warmup)")
-    a("--warmup-kimg", type=float, default=0, help="linear LR warmup over this many thousand images (0 = none)")
-    a("--ema", type=float, default=0.9999, help="EMA decay per optimiser step (the EMA is used for samples only)")
+    a("--lr", type=float_in(0, 1), default=1e-4, help="RAdam learning rate (constant after warmup)")
+    a("--warmup-kimg", type=float_in(0, math.inf), default=0,
+      help="linear LR warmup over this many thousand images (0 = none)")
+    a("--ema", type=float_in(0, 1), default=0.9999, help="EMA decay per optimiser step (the EMA is used for samples only)")
     a("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
       help="EMA decay min(--ema, (1 + n) / (10 + n)) at step n, so short runs have a useful EMA")
-    a("--max-steps", type=int, default=400_000, help="stop after this many optimiser steps")
-    a("--max-kimg", type=float, default=0, help="also stop after this many thousand images (0 = no limit)")
+    a("--max-steps", type=pos, default=400_000, help="stop after this many optimiser steps")
+    a("--max-kimg", type=float_in(0, math.inf), default=0, help="also stop after this many thousand images (0 = no limit)")
     a("--precision", choices=list(PRECISIONS), default=DEFAULT_PRECISION,
       help="network arithmetic, fp32 master weights always: fp32 (strict), tf32 (fp32 with TF32 tensor cores, the "
            "paper's), bf16 or fp16 autocast (fp16 with loss scaling). CPU: always fp32")
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
       help="torch.compile the model (default: on with CUDA, off on CPU; the first steps then take ~3 min)")
-    a("--compile-mode", default="default", help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs")
+    a("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune",
+                                                     "max-autotune-no-cudagraphs"], help="torch.compile mode")
     a("--channels-last", action=argparse.BooleanOptionalAction, default=None,
       help="NHWC memory layout: no layout transposes around cuDNN's convolutions (default: on when compiling; "
            "eager mode is slower with it)")
-    a("--bench", type=int, default=0, metavar="N", help="time N training steps on fake data after warm-up, print img/s, "
-      "ms/step, MFU, memory and where the time goes (forward, target forward, backward, optimiser), then exit")
+    a("--bench", type=nonneg, default=0, metavar="N", help="time N training steps on fake data after warm-up, print "
+      "img/s, ms/step, MFU, memory and where the time goes (forward, target forward, backward, optimiser), then exit; "
+      "writes no run folder")
     a("--seed", type=int, default=0, help="seed of the initialisation and of all random draws")
-    a("--device", default="auto", help="'auto' (cuda:LOCAL_RANK if there is a GPU, else cpu), 'cuda' or 'cpu'")
+    a("--device", default="auto", choices=["auto", "cuda", "cpu"],
+      help="auto: cuda:LOCAL_RANK if there is a GPU, else cpu")
     # logging and checkpoints
     a("--run-dir", default="",
-      help="folder for logs, grids and checkpoints (default: runs/<date-time>, or the resumed run's folder)")
+      help="folder for logs, grids and checkpoints (default: runs/<date-time>, or the resumed run's folder); "
+           "a folder that already holds a run is only continued with --resume")
     a("--resume", default="",
       help="checkpoint file or run folder to continue from, or 'auto' (--run-dir's ckpt.pt, else the newest "
-           "runs/*/ckpt.pt; none found: start afresh); the network, IMM settings and seed come from it")
-    a("--log-every", type=int, default=100, help="print and append to log.jsonl every this many steps "
+           "runs/*/ckpt.pt; none found: start afresh). The run keeps every training option of the checkpoint "
+           "except those given again on the command line; its network, method and seed cannot change")
+    a("--log-every", type=pos, default=100, help="print and append to log.jsonl every this many steps "
                                                  "(also checks that the loss is finite)")
-    a("--ckpt-every", type=int, default=10_000, help="write ckpt.pt every this many steps (0 = only at the end)")
-    a("--grid-every", type=int, default=10_000, help="save 1- and 2-step EMA sample grids this often (0 = never)")
-    a("--dump-every", type=int, default=0, help="write --dump-n 1- and 2-step samples of the live and EMA weights "
+    a("--ckpt-every", type=nonneg, default=10_000, help="write ckpt.pt every this many steps (0 = only at the end)")
+    a("--grid-every", type=nonneg, default=10_000, help="save 1- and 2-step EMA sample grids this often (0 = never)")
+    a("--dump-every", type=nonneg, default=0, help="write --dump-n 1- and 2-step samples of the live and EMA weights "
       "as uint8 NHWC arrays in samples_<step>.npz this often, for offline scoring (0 = never)")
-    a("--dump-n", type=int, default=5000, help="samples per array in --dump-every")
-    a("--peak-tflops", type=float, default=0,
+    a("--dump-n", type=pos, default=5000, help="samples per array in --dump-every")
+    a("--fid-every", type=nonneg, default=0, help="FID of the EMA at 1 and 2 steps every this many steps, with "
+      "--fid-every-n samples against the training images, to log.jsonl and the console (0 = never)")
+    a("--fid-every-n", type=pos, default=10_000, help="samples per FID in --fid-every")
+    a("--peak-tflops", type=float_in(0, math.inf), default=0,
       help="peak TFLOP/s per GPU for MFU; 0 = H100 SXM dense: 989 for bf16/fp16, 494 for TF32, 67 for fp32")
     # evaluation
     a("--ckpt", default="", help="checkpoint for --sample/--fid (default: --resume)")
     a("--official", nargs="?", const=OFFICIAL_CIFAR10_URL, default=None, metavar="PATH|URL",
       help="use the official released checkpoint for --sample/--fid (no value: download it)")
-    a("--n-grid", type=int, default=64, help="images per sample grid")
-    a("--fid-n", type=int, default=50_000, help="generated images per FID")
-    a("--fid-batch", type=int, default=500, help="images per sampling batch in --fid (each seeded by its index)")
+    a("--n-grid", type=pos, default=64, help="images per sample grid")
+    a("--fid-n", type=pos, default=50_000, help="generated images per FID")
+    a("--fid-batch", type=pos, default=500, help="images per sampling batch in --fid (each seeded by its index)")
     return p
 
 
+def option(dest):
+    return "--" + dest.replace("_", "-")
+
+
+def parse_args(argv=None):
+    """(args, given): the parsed options with the --tiny preset applied, and the options given on the command line."""
+    args = get_parser().parse_args(argv)
+    probe = get_parser()   # the same parser with every default suppressed: it returns only what was typed
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    given = vars(probe.parse_args(argv))
+    if args.tiny:
+        for k, v in TINY_PRESET.items():
+            if k not in given:
+                setattr(args, k, v)
+    return args, given
+
+
+def resumed_options(args, given, ckpt):
+    """A resumed run's options: the checkpoint's, except runtime options and those given again on the command line.
+    Returns (args, overridden: [(name, old, new)]). A given option that changes the network, the method or the seed
+    is refused: the weights, the optimiser state and the step's random draws depend on them."""
+    saved = ckpt["args"]
+    merged = argparse.Namespace(**{k: saved[k] if k in saved and k not in given and k not in RUNTIME_OPTIONS else v
+                                   for k, v in vars(args).items()})
+    fixed = [k for k in ("channels", "channel_mult", "num_blocks", "attn", "dropout") if k in given
+             and net_kwargs(merged) != dict(ckpt["net"])]
+    fixed += [k for k in ("M", "k", "min_gap", "temb") if k in given and given[k] != ckpt["imm"][k]]
+    fixed += [k for k, old in (("loss", saved.get("loss", "imm")), ("seed", saved["seed"])) if k in given and given[k] != old]
+    if fixed:
+        names = ", ".join(f"{option(k)} {given[k]}" for k in fixed)
+        raise SystemExit(f"cannot resume with {names}: a resumed run keeps its network, method and seed; start a new "
+                         f"--run-dir to change them")
+    overridden = [(k, saved[k], v) for k, v in given.items()
+                  if k in saved and k not in RUNTIME_OPTIONS and saved[k] != v]
+    return merged, overridden
+
+
 def check_args(args, world):
-    """Impossible combinations end the run here, before any data or model is touched."""
-    for name in ("batch", "M", "log_every", "n_grid", "fid_n", "fid_batch"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+    """Impossible combinations end the run here, before any data or model is touched (ranges are argparse's)."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda, but PyTorch sees no CUDA GPU here: use --device cpu (or auto)")
     if args.sample or args.fid:
         if args.sample and args.fid:
             raise SystemExit("choose one of --sample and --fid")
@@ -252,9 +336,12 @@ def load_dataset(data_dir, download=True):
     empty = not os.path.isdir(data_dir) or not os.listdir(data_dir)
     if (download and empty) or os.path.isfile(archive):
         import torchvision
+        created = not os.path.exists(data_dir)
         try:
             torchvision.datasets.CIFAR10(data_dir, train=True, download=True)
         except Exception as e:
+            if created:   # a mistyped path must not leave a folder behind
+                shutil.rmtree(data_dir, ignore_errors=True)
             raise SystemExit(f"could not download CIFAR-10 into {data_dir} ({type(e).__name__}: {e}); on a machine "
                              f"without internet, place cifar-10-python.tar.gz or the extracted cifar-10-batches-py "
                              f"folder there")
@@ -442,6 +529,40 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)  # atomic: a crash mid-write never leaves a broken ckpt.pt
 
 
+CHECKPOINT_KEYS = ("step", "model", "ema", "optimizer", "net", "imm", "args")
+
+
+def load_checkpoint(path):
+    """One of our checkpoints, read with weights_only=True; anything else ends the run with one line that names the
+    file (never torch's advice to unpickle it with weights_only=False)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # random bytes, a truncated write, or a pickle that wants to run code
+        raise SystemExit(f"{path} cannot be read as a checkpoint ({type(e).__name__}): the file is damaged or "
+                         f"truncated; resume from another checkpoint or start a new --run-dir")
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise SystemExit(f"{path} is not a train_cifar.py checkpoint (it has no {', '.join(missing)}); for the "
+                         f"official CIFAR-10 model use --official")
+    return ckpt
+
+
+def run_files(run_dir):
+    """The files that make a folder a run."""
+    return [f for f in ("ckpt.pt", "log.jsonl", "args.json") if os.path.isfile(os.path.join(run_dir, f))]
+
+
+def truncate_log(path, step):
+    """Drop log lines past `step` (written after the checkpoint a run resumes from), atomically."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
 def find_checkpoint(resume, run_dir):
     if resume == "auto":
         found = sorted(glob.glob(os.path.join(run_dir or "runs/*", "ckpt.pt")), key=os.path.getmtime)
@@ -462,8 +583,31 @@ def official_model(path_or_url):
 
 def model_from_checkpoint(ckpt, which="ema"):
     model = IMMModel(DDPMpp(**ckpt["net"]), IMMConfig(**ckpt["imm"]))
-    model.load_state_dict(ckpt[which])
+    try:
+        model.load_state_dict(ckpt[which])
+    except RuntimeError as e:
+        raise SystemExit(f"the checkpoint's {which} weights do not fit its own network settings {ckpt['net']} "
+                         f"({str(e).splitlines()[0]}); the file was edited or is damaged")
     return model
+
+
+def activation_bytes_per_image(net_cfg, cfg):
+    """Bytes that one training image keeps for the backward pass (eager), counted on a weightless meta-device copy."""
+    saved = []
+    with torch.device("meta"):
+        model, x = IMMModel(DDPMpp(**net_cfg), cfg), torch.zeros(cfg.M, 3, 32, 32)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        imm_loss(model, x, cfg, times=sample_times(1, cfg, device="meta"), noise=torch.zeros_like(x))
+    return sum(saved) / cfg.M
+
+
+def available_memory_bytes():
+    try:
+        with open("/proc/meminfo") as f:
+            return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 # -----------------------------------------------------------------------------------------------
@@ -531,23 +675,39 @@ def fid_setup():
     return path
 
 
+def fid_feature_extractor(device):
+    """torch-fidelity's TF-Inception (2015-12-05 weights): uint8 [N, 3, H, W] -> [N, 2048] pool features. A function
+    of its own so that tests can put a tiny extractor in its place."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).to(device).eval()
+    return lambda x: net(x)[0]
+
+
+_REAL_FID_STATS = {}   # reference statistics per hash of the reference images: computed once per process
+
+
+def fid_statistics(images, device, batch=250):
+    """torch-fidelity's (mu, sigma) of the features of uint8 NCHW images."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+    extract = fid_feature_extractor(device)
+    with torch.no_grad():
+        feats = torch.cat([extract(images[i:i + batch].to(device)).double().cpu() for i in range(0, len(images), batch)])
+    return fid_features_to_statistics(feats)
+
+
 def compute_fid(fake, real, device):
-    """(FID, protocol) of uint8 NHWC samples against uint8 NCHW reference images; torch-fidelity caches the
-    reference statistics under a hash of the reference data."""
+    """(FID, protocol) of uint8 NHWC samples against uint8 NCHW reference images (--fid and --fid-every)."""
     import torch_fidelity
-    class Images(torch.utils.data.Dataset):  # torch-fidelity reads uint8 [3, H, W] tensors
-        def __init__(self, x): self.x = x
-        def __len__(self): return len(self.x)
-        def __getitem__(self, i): return self.x[i]
-    ref_id = hashlib.sha1(real.numpy().tobytes()).hexdigest()[:12]
-    fid = torch_fidelity.calculate_metrics(
-        input1=Images(fake.permute(0, 3, 1, 2).contiguous()), input2=Images(real), fid=True, verbose=False,
-        cuda=device.type == "cuda", batch_size=250, save_cpu_ram=True,
-        input2_cache_name=f"imm-train-ref-{len(real)}-{ref_id}")["frechet_inception_distance"]
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+    key = hashlib.sha1(real.numpy().tobytes()).hexdigest()
+    if key not in _REAL_FID_STATS:
+        _REAL_FID_STATS[key] = fid_statistics(real, device)
+    fid = fid_statistics_to_metric(fid_statistics(fake.permute(0, 3, 1, 2).contiguous(), device),
+                                   _REAL_FID_STATS[key], verbose=False)[KEY_METRIC_FID]
     name = f"FID-{len(fake) // 1000}k" if len(fake) % 1000 == 0 else f"FID ({len(fake)} samples)"
-    return fid, (f"{name}: {len(fake)} EMA pushforward samples vs {len(real)} training images, torch-fidelity "
-                 f"{torch_fidelity.__version__} (Inception-v3 2015-12-05 TF weights, 2048-d pool features, "
-                 f"TF1 bilinear resize to 299), images decoded as clip(x * 127.5 + 128, 0, 255) uint8")
+    return float(fid), (f"{name}: {len(fake)} EMA pushforward samples vs {len(real)} training images, torch-fidelity "
+                        f"{torch_fidelity.__version__} (Inception-v3 2015-12-05 TF weights, 2048-d pool features, "
+                        f"TF1 bilinear resize to 299), images decoded as clip(x * 127.5 + 128, 0, 255) uint8")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -555,11 +715,23 @@ def compute_fid(fake, real, device):
 # -----------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    args, given = parse_args(argv)
 
     # DDP setup: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; a plain `python` run is rank 0 of 1
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+
+    # A resumed run continues with its checkpoint's options; a new run never writes into a folder that holds one
+    ckpt_path = ckpt = None
+    overridden = []
+    if args.resume and not (args.sample or args.fid):
+        ckpt_path = find_checkpoint(args.resume, args.run_dir)
+        if ckpt_path:
+            ckpt = load_checkpoint(ckpt_path)
+            args, overridden = resumed_options(args, given, ckpt)
+    elif args.run_dir and not (args.sample or args.fid or args.bench) and run_files(args.run_dir):
+        raise SystemExit(f"{args.run_dir} already holds a run ({', '.join(run_files(args.run_dir))}): continue it with "
+                         f"--resume {args.run_dir}, or choose a new --run-dir")
     per_rank, batch_gpu = check_args(args, world)
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
@@ -570,7 +742,7 @@ def main(argv=None):
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30),
                                 device_id=device if use_cuda else None)
     master = rank == 0
-    say = print if master else (lambda *a, **k: None)
+    say = (lambda *a, **k: print(*a, **{**k, "flush": True})) if master else (lambda *a, **k: None)   # seen when redirected
 
     def stop(message):   # every rank stops with the same clear message
         if ddp:
@@ -598,7 +770,7 @@ def main(argv=None):
             out_dir = args.run_dir or "out"
         else:
             path = find_checkpoint(args.ckpt or args.resume, args.run_dir) or stop("--resume auto found no checkpoint")
-            model = model_from_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
+            model = model_from_checkpoint(load_checkpoint(path))
             out_dir = args.run_dir or os.path.dirname(path)
         model = model.to(device).eval()
         os.makedirs(out_dir, exist_ok=True)
@@ -623,9 +795,23 @@ def main(argv=None):
     stamp = [time.strftime("%Y%m%d-%H%M%S")]
     if ddp:
         dist.broadcast_object_list(stamp, src=0)
-    ckpt_path = find_checkpoint(args.resume, args.run_dir) if args.resume else None
     run_dir = args.run_dir or (os.path.dirname(ckpt_path) if ckpt_path else os.path.join("runs", stamp[0]))
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path else None
+
+    # Network and method: the checkpoint's when resuming
+    net_cfg = ckpt["net"] if ckpt else net_kwargs(args)
+    method = ckpt["args"].get("loss", "imm") if ckpt else args.loss
+    cfg = IMMConfig(**ckpt["imm"]) if ckpt else IMMConfig(M=args.M, k=args.k, min_gap=args.min_gap, temb=args.temb,
+                                                          f_type="euler_fm" if method == "fm" else "simple_edm")
+    loss_fn = fm_loss if method == "fm" else imm_loss
+    seed = ckpt["args"]["seed"] if ckpt else args.seed
+    if batch_gpu % cfg.M:
+        stop(f"the checkpoint's M={cfg.M} does not divide the per-GPU micro-batch {batch_gpu}")
+    if device.type == "cpu":   # eager CPU training keeps every activation: say so before the kernel kills the process
+        need, have = activation_bytes_per_image(net_cfg, cfg) * batch_gpu, available_memory_bytes()
+        if have and need > have:
+            fit = max(cfg.M, int(have / need * batch_gpu) // cfg.M * cfg.M)
+            stop(f"a micro-batch of {batch_gpu} images needs about {need / 2**30:.0f} GB for this network on the CPU, and "
+                 f"{have / 2**30:.0f} GB are available: use a GPU, --batch-gpu {fit} (gradient accumulation), or --tiny")
 
     # Data: rank 0 downloads if needed while the others wait
     if args.fake_data or args.bench:
@@ -636,14 +822,6 @@ def main(argv=None):
     data = data.to(device)
 
     # Model, EMA and optimiser: fp32 master weights; the target pass uses the live weights (spec 0a)
-    net_cfg = ckpt["net"] if ckpt else net_kwargs(args)
-    method = ckpt["args"].get("loss", "imm") if ckpt else args.loss
-    cfg = IMMConfig(**ckpt["imm"]) if ckpt else IMMConfig(M=args.M, k=args.k, min_gap=args.min_gap, temb=args.temb,
-                                                          f_type="euler_fm" if method == "fm" else "simple_edm")
-    loss_fn = fm_loss if method == "fm" else imm_loss
-    seed = ckpt["args"]["seed"] if ckpt else args.seed
-    if batch_gpu % cfg.M:
-        stop(f"the checkpoint's M={cfg.M} does not divide the per-GPU micro-batch {batch_gpu}")
     torch.manual_seed(seed)
     raw_model = IMMModel(DDPMpp(**net_cfg), cfg).to(device).train()
     ema = copy.deepcopy(raw_model).eval().requires_grad_(False)
@@ -654,7 +832,8 @@ def main(argv=None):
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        say(f"resumed from {ckpt_path} at step {step}")
+        say(f"resumed from {ckpt_path} at step {step}"
+            + "".join(f"; {option(k)} {new} (was {old})" for k, old, new in overridden))
     elif args.resume:
         say("--resume auto: no checkpoint yet, starting from scratch")
     precision = args.precision if use_cuda else "fp32"
@@ -678,10 +857,6 @@ def main(argv=None):
         f"{world} x {accum} x {batch_gpu}, loss {method}, {precision}, min gap {cfg.min_gap:g}, temb {cfg.temb}"
         f"{', compiled' if compile_ else ''}{', channels_last' if channels_last else ''}, {flops_img / 1e9:.2f} GFLOPs/img, "
         f"{len(data)} images, steps {step} -> {total_steps}")
-    if master:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
 
     def checkpoint_state():
         return dict(step=step, model=raw_model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
@@ -693,6 +868,26 @@ def main(argv=None):
                                        rank * per_rank, batch_gpu, accum, cfg.M)
         bench(model, raw_model, ema, opt, make, cfg, accum, args, flops_img, peak, device, say, autocast, scaler)
         return
+    fid_every = args.fid_every
+    if fid_every:   # FID during training: skipped with one line, never fatal, when it cannot be computed
+        reason = "--fake-data has no real images to compare with" if args.fake_data else None
+        if reason is None:
+            try:
+                rank0_first(fid_setup, local=True)
+            except SystemExit as e:
+                reason = str(e)
+        ok = torch.tensor(float(reason is None), device=device)
+        if ddp:   # every rank must agree: sampling for FID is collective
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if not ok.item():
+            say(f"--fid-every {fid_every}: skipped, training goes on without it: {reason or 'another rank failed'}")
+            fid_every = 0
+        real = data.cpu() if master and fid_every else None
+    if master:   # a resumed run forgets the log lines written after its checkpoint (e.g. before a kill -9)
+        os.makedirs(run_dir, exist_ok=True)
+        truncate_log(os.path.join(run_dir, "log.jsonl"), step)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
 
     # Training loop
     loss_acc, steps_acc, t_last, last_good = torch.zeros((), device=device), 0, time.time(), ckpt_path
@@ -730,7 +925,7 @@ def main(argv=None):
                        loss_per_t_bin=per_bin[0], mmd2_per_t_bin=per_bin[1], groups_per_t_bin=bins[2].tolist())
             say(f"step {step} | kimg {rec['kimg']:.1f} | loss {loss:.4e} | w*mmd2 by t "
                 f"[{' '.join('-' if v is None else f'{v:.1e}' for v in per_bin[0])}] | {img_s:.0f} img/s ({img_s / world:.0f}/gpu) | "
-                f"mfu {rec['mfu']:.1%} | mem {mem:.1f} GB | eta {rec['eta_h']:.1f} h", flush=True)
+                f"mfu {rec['mfu']:.1%} | mem {mem:.1f} GB | eta {rec['eta_h']:.1f} h")
             if master:
                 with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
                     f.write(json.dumps(rec) + "\n")
@@ -748,6 +943,17 @@ def main(argv=None):
             save_grids(ema, run_dir, f"_{step:07d}", args.n_grid, device)
         if master and args.dump_every and step % args.dump_every == 0:
             dump_samples(raw_model, ema, os.path.join(run_dir, f"samples_{step:07d}.npz"), args.dump_n, device)
+        if fid_every and step % fid_every == 0:   # every rank samples its share of the batches
+            rec = dict(step=step)
+            for steps in (1, 2):
+                x = generate_sharded(ema, args.fid_every_n, steps, seed, device, args.fid_batch, rank, world)
+                if master:
+                    rec[f"fid_{steps}step"], rec["fid_protocol"] = compute_fid(x, real, device)
+            if master:
+                say(f"step {step} | FID 1 step {rec['fid_1step']:.2f} | 2 steps {rec['fid_2step']:.2f} | "
+                    f"{rec['fid_protocol']}")
+                with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(rec) + "\n")
 
     say(f"done: {step} steps, checkpoint {last_good}")
     if ddp:
