@@ -15,6 +15,7 @@ different numbers of GPUs draw different (equally valid) masks.
 import argparse
 import copy
 import datetime
+import functools
 import glob
 import hashlib
 import json
@@ -675,6 +676,7 @@ def fid_setup():
     return path
 
 
+@functools.lru_cache(maxsize=2)   # --fid-every calls it at every evaluation: load the weights once per device
 def fid_feature_extractor(device):
     """torch-fidelity's TF-Inception (2015-12-05 weights): uint8 [N, 3, H, W] -> [N, 2048] pool features. A function
     of its own so that tests can put a tiny extractor in its place."""
