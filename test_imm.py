@@ -325,6 +325,51 @@ def test_m1_loss_has_the_closed_form():
     assert loss.item() == pytest.approx(closed.mean().item(), rel=1e-5)
 
 
+def test_rbf_mmd_and_its_gradient_match_the_closed_form_for_two_gaussians():
+    """For N(a, s^2 I) and N(b, s^2 I) in D dimensions and k = exp(-|x - y|^2 / (2 h^2)), E k = c exp(-|a - b|^2 /
+    (2 (h^2 + 2 s^2))) with c = (h^2 / (h^2 + 2 s^2))^(D/2), so MMD^2 = 2 c (1 - exp(...)) and its gradient in a is
+    2 c exp(...) (a - b) / (h^2 + 2 s^2). The V-statistic over M particles, differentiated through y = a + s eps."""
+    D, G, M, s, h = 3, 16, 500, 0.5, 1.0   # 16 groups of 500 particles (Monte Carlo error about 3%)
+    g = torch.Generator().manual_seed(0)
+    a = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([-0.4, 0.1, 0.2], dtype=torch.float64)
+    y_t = a + s * torch.randn(G, M, D, dtype=torch.float64, generator=g)
+    y_r = b + s * torch.randn(G, M, D, dtype=torch.float64, generator=g)
+    w_tilde = torch.full((G,), math.sqrt(D) / h, dtype=torch.float64)   # rbf_kernel: exp(-(w~ d)^2 / (2 D))
+    mmd2 = imm.mmd_squared(y_t, y_r, w_tilde, IMMConfig(kernel="rbf")).mean()
+    grad, = torch.autograd.grad(mmd2, a)
+    var, c = h ** 2 + 2 * s ** 2, (h ** 2 / (h ** 2 + 2 * s ** 2)) ** (D / 2)
+    e = math.exp(-((a - b) ** 2).sum().item() / (2 * var))
+    bias = 2 * (1 - c) / M    # the V-statistic's diagonal pairs k(y, y) = 1 in place of E k = c
+    assert mmd2.item() == pytest.approx(2 * c * (1 - e) + bias, rel=0.08)
+    assert rel_err(grad, 2 * c * e * (a - b).detach() / var) < 0.05
+
+
+def test_the_laplace_own_target_pull_settles_at_the_geometric_median_and_rbf_at_the_mean():
+    """The 2D lesson in one particle: with one particle per group (M = 1, the own-target term alone) and fixed
+    targets, gradient descent on the Laplace loss ends at the geometric median of the targets (its gradient is a
+    unit vector whatever the distance); a wide RBF kernel ends at their mean."""
+    targets = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [4.0, 4.0]], dtype=torch.float64)
+    median = targets.mean(0)
+    for _ in range(500):   # Weiszfeld's iteration: an independent computation of the geometric median
+        w = 1 / (targets - median).norm(dim=1)
+        median = (w[:, None] * targets).sum(0) / w.sum()
+    for kernel, w_tilde, want in (("laplace", 1e-3, median), ("rbf", 1e-2, targets.mean(0))):
+        cfg = IMMConfig(kernel=kernel, M=1)
+        y = torch.tensor([2.0, 2.0], dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.Adam([y], lr=0.02)
+        for step in range(3000):
+            for group in opt.param_groups:
+                group["lr"] = 0.02 * (1 - step / 3000)
+            loss = imm.mmd_squared(y.expand(4, 1, 2), targets[:, None], torch.full((4,), w_tilde, dtype=torch.float64),
+                                   cfg).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        torch.testing.assert_close(y.detach(), want, atol=0.02, rtol=0)
+    assert (median - targets.mean(0)).norm() > 0.5   # the two answers are far apart
+
+
 def test_no_gradient_flows_through_the_target_branch():
     """Parameter gradients equal those of a loss whose target particles are constants."""
     cfg = IMMConfig()
