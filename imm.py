@@ -175,7 +175,8 @@ def f_coefficients(*, s, t, cfg):
 
 
 class IMMModel(nn.Module):
-    """f^theta_{s,t}(x_t) around a raw network G(x, c_noise_t, c_noise_s, labels) stored as `model`.
+    """f^theta_{s,t}(x_t) around a raw network G(x, c_noise_t, c_noise_s, labels) stored as `model`; `labels` is the
+    network's extra conditioning (DDPM++'s augmentation labels during training), passed alike to both IMM passes.
 
     The attribute name matches the official checkpoints, whose state-dict keys start with 'model.'.
     Times t and s are scalars or one value per sample. They are kept in float64 up to the network:
@@ -211,7 +212,8 @@ class IMMModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Networks. Both take (x, c_noise_t, c_noise_s, labels) and return a tensor shaped like x.
+# 3. Networks. Both take (x, c_noise_t, c_noise_s, labels) and return a tensor shaped like x; DDPM++'s labels are
+#    EDM's augmentation labels (None = un-augmented), the MLP ignores them.
 # ---------------------------------------------------------------------------------------------
 
 def positional_embedding(x, channels, max_positions=10000):
@@ -263,7 +265,8 @@ def _edm_init(layer, scale=1.0):
     nn.init.xavier_uniform_(layer.weight)
     with torch.no_grad():
         layer.weight.mul_(scale)
-    nn.init.zeros_(layer.bias)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
     return layer
 
 
@@ -300,12 +303,12 @@ class EmbeddingLinear(nn.Linear):
     where t - r is only ~2e-7 (spec 13.10), the embedding still tells t and r apart.
     """
 
-    def __init__(self, in_features, out_features):
-        super().__init__(in_features, out_features)
+    def __init__(self, in_features, out_features, bias=True):
+        super().__init__(in_features, out_features, bias=bias)
         _edm_init(self)
 
     def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
 class Conv(nn.Conv2d):
@@ -378,11 +381,14 @@ class DDPMpp(nn.Module):
     embedding for s (spec 4.1; 56,061,443 parameters with the defaults). Unconditional only."""
 
     def __init__(self, img_resolution=32, in_channels=3, out_channels=3, model_channels=128, channel_mult=(2, 2, 2),
-                 num_blocks=4, attn_resolutions=(16,), dropout=0.2, channel_mult_emb=4, channel_mult_noise=1):
+                 num_blocks=4, attn_resolutions=(16,), dropout=0.2, channel_mult_emb=4, channel_mult_noise=1,
+                 augment_dim=0):
         super().__init__()
         self.img_resolution, self.in_channels = img_resolution, in_channels
         self.noise_channels = model_channels * channel_mult_noise
         emb_channels = model_channels * channel_mult_emb
+        # EDM's augmentation labels (the paper's CIFAR-10 recipe), added to the t embedding's input; zero at sampling
+        self.map_augment = EmbeddingLinear(augment_dim, self.noise_channels, bias=False) if augment_dim else None
         self.map_layer0 = EmbeddingLinear(self.noise_channels, emb_channels)
         self.map_layer1 = EmbeddingLinear(emb_channels, emb_channels)
         self.map_layer0_s = EmbeddingLinear(self.noise_channels, emb_channels)   # App. I.1 "injecting time s"
@@ -420,18 +426,20 @@ class DDPMpp(nn.Module):
         self.dec[f"{res}x{res}_aux_norm"] = group_norm(cout)
         self.dec[f"{res}x{res}_aux_conv"] = Conv(cout, out_channels, 3, init_scale=1e-5)
 
-    def embedding(self, c_noise_t, c_noise_s):
-        """emb = silu(MLP_t(PE(c_noise_t)) + MLP_s(PE(c_noise_s))) in float64, shape [N or 1, emb]."""
+    def embedding(self, c_noise_t, c_noise_s, augment_labels=None):
+        """emb = silu(MLP_t(PE(c_noise_t) [+ A aug]) + MLP_s(PE(c_noise_s))) in float64, shape [N or 1, emb]."""
         pe_t = positional_embedding(c_noise_t.reshape(-1), self.noise_channels)
+        if augment_labels is not None:
+            pe_t = pe_t + self.map_augment(augment_labels.to(pe_t.dtype))
         pe_s = positional_embedding(c_noise_s.reshape(-1), self.noise_channels)
         emb_t = self.map_layer1(F.silu(self.map_layer0(pe_t)))
         emb_s = self.map_layer1_s(F.silu(self.map_layer0_s(pe_s)))
         return F.silu(emb_t + emb_s)
 
-    def forward(self, x, c_noise_t, c_noise_s, labels=None):
-        if labels is not None:
-            raise ValueError("DDPMpp is the unconditional CIFAR-10 network: labels must be None")
-        emb = self.embedding(c_noise_t, c_noise_s)
+    def forward(self, x, c_noise_t, c_noise_s, augment_labels=None):
+        if augment_labels is not None and self.map_augment is None:
+            raise ValueError("this DDPMpp has no augmentation-label input (augment_dim=0): pass augment_labels=None")
+        emb = self.embedding(c_noise_t, c_noise_s, augment_labels)
         skips = []
         for layer in self.enc.values():
             x = layer(x, emb) if isinstance(layer, UNetBlock) else layer(x)

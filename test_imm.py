@@ -643,14 +643,32 @@ def test_init_follows_edm(fresh_net):
         assert torch.all(m.bias == 0), name
 
 
-def test_output_shape_equals_input_shape_and_labels_are_rejected(random_net):
+def test_output_shape_equals_input_shape_and_labels_need_an_augmentation_input(random_net):
     x = torch.randn(2, 3, 32, 32)
     t = torch.tensor([990.0, 300.0], dtype=torch.float64)
     with torch.no_grad():
         y = random_net(x, t, 0.5 * t)
     assert y.shape == x.shape and y.dtype == torch.float32 and torch.isfinite(y).all()
-    with pytest.raises(ValueError, match="labels must be None"):
-        random_net(x, t, t, labels=torch.zeros(2, 10))
+    with pytest.raises(ValueError, match="no augmentation-label input"):
+        random_net(x, t, t, torch.zeros(2, 9))
+
+
+def test_augmentation_labels_enter_the_t_embedding_and_zero_labels_mean_none():
+    net = randomize_(tiny_net(img_resolution=16, model_channels=16, attn_resolutions=(8,), dropout=0.0,
+                              augment_dim=9), seed=0)
+    assert tuple(net.map_augment.weight.shape) == (16, 9) and net.map_augment.bias is None
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([900.0, 500.0, 100.0], dtype=torch.float64)
+    with torch.no_grad():
+        plain, zero = net(x, t, 0.5 * t), net(x, t, 0.5 * t, torch.zeros(3, 9))
+        labelled = net(x, t, 0.5 * t, torch.randn(3, 9))
+        # the labels act exactly as a shift of the t embedding's input: PE(c_t) + A labels
+        pe = imm.positional_embedding(t, 16)
+        emb = net.embedding(t, 0.5 * t, torch.ones(3, 9))
+        ref = F.silu(net.map_layer1(F.silu(net.map_layer0(pe + net.map_augment.weight.double().sum(1))))
+                     + net.map_layer1_s(F.silu(net.map_layer0_s(imm.positional_embedding(0.5 * t, 16)))))
+    torch.testing.assert_close(zero, plain, rtol=0, atol=0)
+    assert rel_err(labelled, plain) > 1e-3
+    torch.testing.assert_close(emb, ref, rtol=1e-12, atol=1e-12)
 
 
 def test_a_time_batch_of_one_equals_per_sample_times():
@@ -1241,7 +1259,7 @@ def test_fp16_with_loss_scaling_takes_the_fp32_step():
     first, SGD-like steps would move the weights 65536 times too far)."""
     cfg = IMMConfig()
     batch = (torch.rand(8, 3, 16, 16) * 2 - 1, torch.randn(8, 3, 16, 16) * 0.5,
-             imm.sample_times(2, cfg, generator=torch.Generator().manual_seed(1)))
+             imm.sample_times(2, cfg, generator=torch.Generator().manual_seed(1)), None)
     after = {}
     for mode in ("fp32", "fp16"):
         model = IMMModel(randomize_(tiny_net(img_resolution=16, model_channels=16, attn_resolutions=(8,),
@@ -1356,6 +1374,113 @@ def test_help_explains_every_option():
     for action in parser._actions:
         assert action.help, f"{action.option_strings} has no help"
     assert "989" in parser.format_help() and "494" in parser.format_help()
+
+
+# ---------------------------------------------------------------------------------------------
+# EDM augmentation: transforms, labels, inverses, randomness
+# ---------------------------------------------------------------------------------------------
+
+def smooth_images(n=1, size=32):
+    """Band-limited test images in [-1, 1] (periods of 13 px or more): bicubic resampling is accurate on them."""
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64),
+                            indexing="ij")
+    img = torch.stack([torch.sin(2 * math.pi * xx / 16 + 0.3) * torch.cos(2 * math.pi * yy / 21),
+                       torch.cos(2 * math.pi * (xx + yy) / 24),
+                       0.5 * torch.sin(2 * math.pi * xx / 32) + 0.4 * torch.cos(2 * math.pi * yy / 13)])
+    return img.float()[None].repeat(n, 1, 1, 1)
+
+
+def aug_params(n=1, **values):
+    """augment_params-style parameters: zero (no transform) except the given values."""
+    p = {k: torch.zeros(n, dtype=torch.float64) for k in ("xflip", "yflip", "scale", "rotate", "aniso", "aniso_angle")}
+    p["translate"] = torch.zeros(2, n, dtype=torch.float64)
+    for k, v in values.items():
+        p[k] = torch.as_tensor(v, dtype=torch.float64).reshape(p[k].shape[:-1] + (-1,)).expand_as(p[k]).clone()
+    return p
+
+
+def test_augmentation_with_probability_zero_is_the_identity():
+    x = torch.rand(64, 3, 32, 32) * 2 - 1
+    params = train_cifar.augment_params(64, 0.0, torch.Generator().manual_seed(0))
+    assert all((v == 0).all() for v in params.values())
+    assert torch.equal(train_cifar.augment(x, params), x)
+    assert torch.equal(train_cifar.augment_labels(params), torch.zeros(64, 9))
+
+
+@pytest.mark.parametrize("values", [dict(scale=1.5), dict(rotate=0.7), dict(aniso=1.2, aniso_angle=0.5),
+                                    dict(translate=[0.3, -0.2]), dict(xflip=1.0), dict(yflip=1.0)])
+def test_each_augmentation_undone_by_its_inverse_gives_the_image_back(values):
+    x = smooth_images()
+    p = aug_params(**values)
+    inverse = {k: (-v if k in ("scale", "rotate", "aniso", "translate") else v) for k, v in p.items()}
+    y = train_cifar.augment(x, p)
+    back = train_cifar.augment(y, inverse)
+    centre = (..., slice(8, 24), slice(8, 24))   # away from the reflected borders
+    assert (y - x).abs().max() > 0.4              # the transform did something
+    # two bicubic resamplings of a smooth image: measured at most 0.035 (rotation), flips exactly 0
+    assert (back - x)[centre].abs().max() < 0.06
+
+
+def test_augmentations_do_what_their_labels_say():
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    A = train_cifar.augment
+    cases = [(dict(xflip=1.0), x.flip(3), [1, 0, 0, 0, 0, 0, 0, 0, 0]),
+             (dict(yflip=1.0), x.flip(2), [0, 1, 0, 0, 0, 0, 0, 0, 0]),
+             (dict(rotate=math.pi / 2), torch.rot90(x, 1, (2, 3)), [0, 0, 0, -1, 1, 0, 0, 0, 0])]
+    for values, want, labels in cases:
+        p = aug_params(**values)
+        torch.testing.assert_close(A(x, p), want, rtol=0, atol=1e-4)
+        torch.testing.assert_close(train_cifar.augment_labels(p), torch.tensor([labels], dtype=torch.float32),
+                                   rtol=0, atol=1e-6)
+    # translation: label 1.0 moves the content 0.125 * 32 = 4 pixels right (and -0.5, 2 pixels up)
+    p = aug_params(translate=[1.0, -0.5])
+    torch.testing.assert_close(A(x, p)[..., 2:30, 4:], torch.roll(x, (-2, 4), (2, 3))[..., 2:30, 4:], rtol=0, atol=1e-4)
+    assert train_cifar.augment_labels(p)[0, 7:].tolist() == [1.0, -0.5]
+    # scale label w zooms by 2^(0.2 w) about the centre; anisotropy label (w cos r, w sin r)
+    p = aug_params(scale=5.0, aniso=2.0, aniso_angle=math.pi / 3)
+    G = train_cifar.augment_matrix(p, 32)[0]
+    rot = lambda t: torch.tensor([[math.cos(t), -math.sin(t), 0], [math.sin(t), math.cos(t), 0], [0, 0, 1]],
+                                 dtype=torch.float64)
+    a = 2 ** 0.4
+    torch.testing.assert_close(G, torch.diag(torch.tensor([0.5, 0.5, 1.0], dtype=torch.float64)) @ rot(-math.pi / 3)
+                               @ torch.diag(torch.tensor([1 / a, a, 1.0], dtype=torch.float64)) @ rot(math.pi / 3))
+    torch.testing.assert_close(train_cifar.augment_labels(p)[0, [2, 5, 6]],
+                               torch.tensor([5.0, 2 * math.cos(math.pi / 3), 2 * math.sin(math.pi / 3)]))
+
+
+def test_augmentation_is_per_image_and_keeps_the_batch_order():
+    """Each particle keeps its own image: augmenting a batch equals augmenting its images one by one."""
+    x = torch.rand(8, 3, 32, 32) * 2 - 1
+    p = train_cifar.augment_params(8, 1.0, torch.Generator().manual_seed(3))
+    whole = train_cifar.augment(x, p)
+    one_by_one = torch.cat([train_cifar.augment(x[i:i + 1], {k: v[..., i:i + 1] for k, v in p.items()})
+                            for i in range(8)])
+    torch.testing.assert_close(whole, one_by_one, rtol=0, atol=1e-6)
+
+
+def test_augmentation_probabilities_follow_edm():
+    n, p = 40_000, 0.12
+    params = train_cifar.augment_params(n, p, torch.Generator().manual_seed(0))
+    applied = lambda v: (v != 0).double().mean().item()   # noqa: E731
+    assert applied(params["xflip"]) == pytest.approx(0.5, abs=0.01)    # EDM's xflip=1e8: every image, half flipped
+    assert applied(params["yflip"]) == pytest.approx(p / 2, abs=0.01)
+    for k in ("scale", "rotate", "aniso"):
+        assert applied(params[k]) == pytest.approx(p, abs=0.01)
+    assert applied(params["translate"][0]) == pytest.approx(p, abs=0.01)
+    assert torch.equal(params["translate"][0] != 0, params["translate"][1] != 0)   # one gate for both axes
+
+
+def test_training_augments_by_default_and_resumes_bit_exactly(tmp_path):
+    train_tiny(tmp_path / "full", "--max-steps", "4", "--augment", "0.5")
+    train_tiny(tmp_path / "part", "--max-steps", "2", "--augment", "0.5")
+    train_cifar.main(["--resume", str(tmp_path / "part"), "--max-steps", "4"])
+    a, b = load_ckpt(tmp_path / "full" / "ckpt.pt"), load_ckpt(tmp_path / "part" / "ckpt.pt")
+    assert a["net"]["augment_dim"] == 9 and "model.map_augment.weight" in a["model"]
+    assert [r["loss"] for r in read_log(tmp_path / "part")] == [r["loss"] for r in read_log(tmp_path / "full")]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    train_tiny(tmp_path / "off", "--max-steps", "1", "--augment", "0")
+    assert load_ckpt(tmp_path / "off" / "ckpt.pt")["net"]["augment_dim"] == 0
+    assert train_cifar.get_parser().parse_args([]).augment == 0.12
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ then look at it (--sample) and measure it (--fid).
   python train_cifar.py --sample --ckpt runs/X/ckpt.pt    # 1- and 2-step grids of the EMA model
   torchrun --nproc_per_node=8 train_cifar.py --fid --official   # FID-50k of the released checkpoint
 
-Randomness: every random choice of step n (data indices, x-flips, times, noise) is drawn from a generator
+Randomness: every random choice of step n (data indices, flips and augmentations, times, noise) is drawn from a generator
 seeded by (seed, n), identically on every rank, and each rank takes its slice of the global batch. So a
 checkpoint needs no RNG state, resuming is exact, and 1 or N GPUs with the same global batch optimise the
 same loss up to float rounding. Dropout masks are seeded by (seed, n, rank): with dropout > 0, runs on
@@ -32,6 +32,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from imm import (ArgParser, DDPMpp, IMMConfig, IMMModel, OFFICIAL_CIFAR10_URL, Times, decode_images, ema_update, fm_loss,
@@ -104,6 +105,10 @@ RUNTIME_OPTIONS = {"sample", "fid", "resume", "run_dir", "device", "compile", "c
                    "ckpt", "official", "fid_n", "fid_batch", "download"}
 
 
+# what an option absent from an older checkpoint's saved options meant then
+LEGACY_OPTIONS = {"augment": 0.0, "ema_warmup": False, "loss": "imm"}
+
+
 def get_parser():
     p = ArgParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     a = p.add_argument
@@ -117,7 +122,11 @@ def get_parser():
     a("--download", action=argparse.BooleanOptionalAction, default=True,
       help="download CIFAR-10 into --data-dir if that folder is new or empty")
     a("--fake-data", action="store_true", help="random images instead of a dataset: smoke tests and benchmarks only")
-    a("--xflip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips (the paper's)")
+    a("--xflip", action=argparse.BooleanOptionalAction, default=True,
+      help="random horizontal flips, unlabelled (with --augment > 0 the augmentations' labelled x-flips replace them)")
+    a("--augment", type=float_in(0, 1, hi_open=False), default=0.12,
+      help="EDM augmentation probability (the paper's CIFAR-10 recipe, Table 5), with the 9 augmentation labels fed to "
+           "the network; 0 turns it off")
     # network: DDPM++ (paper App. I.1); small values give the tiny networks of the tests
     a("--tiny", action="store_true", help="a tiny network and batch for a CPU smoke run: " +
       " ".join(f"--{k.replace('_', '-')} {v}" for k, v in TINY_PRESET.items()) + " (explicit options win)")
@@ -218,8 +227,11 @@ def resumed_options(args, given, ckpt):
     saved = ckpt["args"]
     merged = argparse.Namespace(**{k: saved[k] if k in saved and k not in given and k not in RUNTIME_OPTIONS else v
                                    for k, v in vars(args).items()})
-    fixed = [k for k in ("channels", "channel_mult", "num_blocks", "attn", "dropout") if k in given
-             and net_kwargs(merged) != dict(ckpt["net"])]
+    for k, v in LEGACY_OPTIONS.items():   # checkpoints from before an option existed ran without it
+        if k not in saved and k not in given:
+            setattr(merged, k, v)
+    fixed = [k for k in ("channels", "channel_mult", "num_blocks", "attn", "dropout", "augment") if k in given
+             and net_kwargs(merged) != {"augment_dim": 0, **ckpt["net"]}]
     fixed += [k for k in ("M", "k", "min_gap", "temb") if k in given and given[k] != ckpt["imm"][k]]
     fixed += [k for k, old in (("loss", saved.get("loss", "imm")), ("seed", saved["seed"])) if k in given and given[k] != old]
     if fixed:
@@ -259,7 +271,7 @@ def check_args(args, world):
 def net_kwargs(args):
     ints = lambda s: tuple(int(v) for v in s.split(",") if v.strip())
     return dict(model_channels=args.channels, channel_mult=ints(args.channel_mult), num_blocks=args.num_blocks,
-                attn_resolutions=ints(args.attn), dropout=args.dropout)
+                attn_resolutions=ints(args.attn), dropout=args.dropout, augment_dim=AUGMENT_DIM if args.augment else 0)
 
 
 def step_seed(seed, step, slot=0):
@@ -352,29 +364,99 @@ def load_dataset(data_dir, download=True):
                      f"pass --data-dir, or an empty/new folder with --download on a machine with internet")
 
 
-def global_batch(step, seed, n_data, batch, cfg, xflip, device, img_shape=(3, 32, 32)):
+# EDM's augmentation (Karras et al. 2022, App. F.2), which the paper's CIFAR-10 recipe uses (Table 5), in EDM's CIFAR-10
+# setting (augment.py with xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1). Each transform is
+# applied to an image with probability p, the x-flip to every image with probability 1/2, and the network sees the 9
+# numbers that describe what was done. It samples with zeros, i.e. un-augmented images: the augmentations do not leak.
+AUGMENT_DIM = 9   # x-flip, y-flip, log2 scale / 0.2, rotation (cos - 1, sin), anisotropy (w cos r, w sin r), translation
+
+
+def augment_params(n, p, g):
+    """EDM's random choices for n images from the CPU generator g: a dict of [n] tensors, all zero where a transform
+    is not applied (so p = 0 gives the identity)."""
+    def gate(prob, v):
+        return torch.where(torch.rand(v.shape[-1], generator=g) < prob, v, torch.zeros_like(v))
+    params = dict(xflip=gate(min(1.0, 1e8 * p), torch.randint(2, (n,), generator=g).double()),
+                  yflip=gate(p, torch.randint(2, (n,), generator=g).double()),
+                  scale=gate(p, torch.randn(n, generator=g, dtype=torch.float64)),
+                  rotate=gate(p, (torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1) * math.pi),
+                  aniso=gate(p, torch.randn(n, generator=g, dtype=torch.float64)),
+                  aniso_angle=gate(0.5, (torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1) * math.pi),
+                  translate=gate(p, torch.randn(2, n, generator=g, dtype=torch.float64)))
+    # the axis of an anisotropy that is not applied is irrelevant: zero it, so untouched images stay exactly untouched
+    params["aniso_angle"] = torch.where(params["aniso"] != 0, params["aniso_angle"], 0.0)
+    return params
+
+
+def augment_labels(params):
+    """The [n, 9] augmentation labels of EDM's pipe for these parameters (what the network is conditioned on)."""
+    rot, w, r = params["rotate"], params["aniso"], params["aniso_angle"]
+    return torch.stack([params["xflip"], params["yflip"], params["scale"], rot.cos() - 1, rot.sin(), w * r.cos(),
+                        w * r.sin(), *params["translate"]], 1).float()
+
+
+def augment_matrix(params, size):
+    """[n, 3, 3] inverse maps G^-1: an output pixel (coordinates centred on the image, in pixels) reads the input at
+    G^-1 (x, y, 1), composed in EDM's order: isotropic scale, rotation, anisotropic scale, translation."""
+    def mat(a, b, c, d, tx=None, ty=None):
+        zero, one = torch.zeros_like(a), torch.ones_like(a)
+        tx, ty = (zero if tx is None else tx), (zero if ty is None else ty)
+        return torch.stack([a, b, tx, c, d, ty, zero, zero, one], 1).reshape(-1, 3, 3)
+    def rotate(t):
+        return mat(t.cos(), -t.sin(), t.sin(), t.cos())
+    s, a, r = torch.exp2(0.2 * params["scale"]), torch.exp2(0.2 * params["aniso"]), params["aniso_angle"]
+    one = torch.ones_like(s)
+    return (mat(1 / s, 0 * s, 0 * s, 1 / s) @ rotate(params["rotate"])                     # scale, then rotation
+            @ rotate(-r) @ mat(1 / a, 0 * a, 0 * a, a) @ rotate(r)                            # anisotropy along r
+            @ mat(one, 0 * s, 0 * s, one, *(-0.125 * size * params["translate"])))           # translation
+
+
+def augment(x, params):
+    """Apply the augmentations `params` (one entry per image, on x's device) to images x [n, C, H, W]: flips as pixel
+    blits, the rest as one bicubic resampling with reflection at the borders. Images with no geometric transform are
+    returned untouched; the batch order is kept (every particle keeps its image)."""
+    x = torch.where(params["xflip"][:, None, None, None] > 0, x.flip(3), x)
+    x = torch.where(params["yflip"][:, None, None, None] > 0, x.flip(2), x)
+    G = augment_matrix(params, x.shape[-1])
+    moved = (G - torch.eye(3, dtype=G.dtype, device=G.device)).abs().flatten(1).amax(1) > 0
+    # pixel coordinates centred on the image, times 2 / size, are grid_sample's coordinates (align_corners=False)
+    theta = G[:, :2].clone()
+    theta[:, :, 2] *= 2 / x.shape[-1]
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    warped = F.grid_sample(x, grid, mode="bicubic", padding_mode="reflection", align_corners=False)
+    return torch.where(moved[:, None, None, None], warped, x)
+
+
+def global_batch(step, seed, n_data, batch, cfg, xflip, device, img_shape=(3, 32, 32), augment_p=0.0):
     """Step `step`'s random draws for the whole global batch, identical on every rank: data indices (uniform,
-    with replacement), x-flips, one (t, r, s) per group of M, and the noise (on the device: cheap even for 4096)."""
+    with replacement), x-flips (unlabelled; with augment_p > 0 the augmentations' own, labelled ones replace them), one
+    (t, r, s) per group of M, the augmentations, and the noise (on the device: cheap even for 4096)."""
     g = torch.Generator().manual_seed(step_seed(seed, step))
     idx = torch.randint(n_data, (batch,), generator=g)
-    flip = torch.rand(batch, generator=g) < 0.5 if xflip else torch.zeros(batch, dtype=torch.bool)
+    flip = torch.rand(batch, generator=g) < 0.5 if xflip and not augment_p else torch.zeros(batch, dtype=torch.bool)
     times = sample_times(batch // cfg.M, cfg, generator=g)
+    aug = augment_params(batch, augment_p, g) if augment_p else None
     g_dev = torch.Generator(device=device).manual_seed(step_seed(seed, step))
     noise = torch.randn(batch, *img_shape, generator=g_dev, device=device) * cfg.sigma_d
     # non_blocking: a blocking host-to-GPU copy waits for all queued GPU work, a host sync in every step
     to_device = lambda v: v.to(device, non_blocking=True)   # noqa: E731
-    return to_device(idx), to_device(flip), Times(*map(to_device, times)), noise
+    aug = {k: to_device(v) for k, v in aug.items()} if aug else None
+    return to_device(idx), to_device(flip), Times(*map(to_device, times)), noise, aug
 
 
 def micro_batches(data, draws, lo, batch_gpu, accum, M):
-    """This rank's `accum` micro-batches, global positions lo .. lo + accum * batch_gpu, as (x, noise, times)
-    with x in [-1, 1] (x / 127.5 - 1, spec 6.4)."""
-    idx, flip, times, noise = draws
+    """This rank's `accum` micro-batches, global positions lo .. lo + accum * batch_gpu, as (x, noise, times, labels)
+    with x in [-1, 1] (x / 127.5 - 1, as the official code decodes) and the augmentation labels (None without)."""
+    idx, flip, times, noise, aug = draws
     for a in range(accum):
         sl = slice(lo + a * batch_gpu, lo + (a + 1) * batch_gpu)
         x = data[idx[sl]].float() / 127.5 - 1      # idx, flip and times are already on data's device
         x = torch.where(flip[sl][:, None, None, None], x.flip(3), x)
-        yield x, noise[sl], Times(*(v[sl.start // M: sl.stop // M] for v in times))
+        labels = None
+        if aug is not None:
+            params = {k: v[..., sl] for k, v in aug.items()}
+            x, labels = augment(x, params), augment_labels(params)
+        yield x, noise[sl], Times(*(v[sl.start // M: sl.stop // M] for v in times)), labels
 
 
 # -----------------------------------------------------------------------------------------------
@@ -393,14 +475,14 @@ def train_step(model, raw_model, ema, opt, batches, cfg, accum, ema_decay, autoc
     count per bin of t. `loss_fn`: imm_loss, or fm_loss for the flow-matching baseline (one time per image)."""
     mark = mark or (lambda phase: None)
     loss_sum = torch.zeros((), device=next(raw_model.parameters()).device)
-    for a, (x, noise, times) in enumerate(batches):
+    for a, (x, noise, times, labels) in enumerate(batches):
         sync = a == accum - 1 or not isinstance(model, DDP)
         with (nullcontext() if sync else model.no_sync()):
             mark("mmd_and_interpolants")
             if loss_fn is fm_loss:
                 times = Times(*(v.repeat_interleave(cfg.M) for v in times))
             with autocast:
-                loss, stats = loss_fn(model, x, cfg, times=times, noise=noise)
+                loss, stats = loss_fn(model, x, cfg, times=times, noise=noise, labels=labels)
             mark("backward")
             (loss / accum if scaler is None else scaler.scale(loss / accum)).backward()
         loss_sum += loss.detach()
@@ -866,8 +948,8 @@ def main(argv=None):
                     args=dict(vars(args), seed=seed))
 
     if args.bench:
-        make = lambda i: micro_batches(data, global_batch(i, seed, len(data), args.batch, cfg, args.xflip, device),
-                                       rank * per_rank, batch_gpu, accum, cfg.M)
+        make = lambda i: micro_batches(data, global_batch(i, seed, len(data), args.batch, cfg, args.xflip, device,
+                                                          augment_p=args.augment), rank * per_rank, batch_gpu, accum, cfg.M)
         bench(model, raw_model, ema, opt, make, cfg, accum, args, flops_img, peak, device, say, autocast, scaler)
         return
     fid_every = args.fid_every
@@ -900,7 +982,7 @@ def main(argv=None):
             group["lr"] = lr
         ema_decay = min(args.ema, (1 + step) / (10 + step)) if args.ema_warmup else args.ema
         torch.manual_seed(step_seed(seed, step, 1 + rank))  # this rank's dropout masks for this step
-        draws = global_batch(step, seed, len(data), args.batch, cfg, args.xflip, device)
+        draws = global_batch(step, seed, len(data), args.batch, cfg, args.xflip, device, augment_p=args.augment)
         batches = micro_batches(data, draws, rank * per_rank, batch_gpu, accum, cfg.M)
         loss_acc += train_step(model, raw_model, ema, opt, batches, cfg, accum, ema_decay, autocast, scaler=scaler,
                                bins=bins, loss_fn=loss_fn)
