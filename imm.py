@@ -3,30 +3,22 @@
 Read top to bottom next to the paper. Sections follow the paper's order:
   1. schedules and the DDIM interpolant (Sec. 4.1, Eq. 11)
   2. the one-step map f_{s,t}(x_t) and its parameterisations (Sec. 4.2, App. C.5)
-  3. networks: a small MLP for 2D data and the DDPM++ U-Net for CIFAR-10 (spec 4.1)
-  4. time sampling p(s,t) and the mapping r(s,t) (Sec. 4.2, App. C.6)
-  5. kernel, weighting and the IMM loss (Eq. 12, 13, 67), plus a flow-matching baseline
-  6. EMA
-  7. samplers: pushforward and restart (Algorithms 2 and 5)
-  8. checkpoint loading (the official CIFAR-10 model, read without running its code) and images
-  9. a sample-quality metric for low-dimensional data
- 10. the 2D demo: `python imm.py`
+  3. time sampling p(s,t) and the mapping r(s,t) (Sec. 4.2, App. C.6, C.7)
+  4. kernel, weighting and the IMM loss (Eq. 12, 13, 67; Algorithm 1), plus a flow-matching baseline
+  5. EMA (sampling only)
+  6. samplers: pushforward and restart (Algorithms 2 and 5)
+  7. networks: a small MLP for 2D data and the DDPM++ U-Net for CIFAR-10 (App. I.1)
+  8. a sample-quality metric for low-dimensional data
+  9. the 2D demo: `python imm.py`
+The CIFAR-10 training script, the official checkpoint's safe reader and image output live in train_cifar.py.
 
 Conventions: time runs from data (t = 0) to noise (t = 1); the prior is N(0, sigma_d^2 I); every
 call of f passes its times by keyword, f(x_t, t=t, s=s), because the paper and the official code
 order the two times differently and positional calls invite exactly that bug.
 """
 import argparse
-import collections
-import io
 import math
-import os
-import pickle
-import shutil
-import tempfile
 import time
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -212,7 +204,224 @@ class IMMModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Networks. Both take (x, c_noise_t, c_noise_s, labels) and return a tensor shaped like x; DDPM++'s labels are
+# 3. Time sampling p(s,t) and the mapping r(s,t) (Sec. 4.2, App. C.6, C.7)
+# ---------------------------------------------------------------------------------------------
+
+class Times(NamedTuple):
+    """One (t, r, s) per group, s <= r < t (r = s allowed), float64."""
+    t: torch.Tensor
+    r: torch.Tensor
+    s: torch.Tensor
+
+
+def r_of(*, s, t, cfg):
+    """App. C.6 'constant decrement in eta': r(s,t) = max(s, eta^-1(eta_t - delta_eta)).
+
+    delta_eta = (eta(T) - eta(t_min)) / 2^k, the official code's (nt_high - nt_low) / 2^k; the
+    paper's rounder (160 - 0) / 2^k (App. C.6) differs by 3.5%; we follow the code. With cfg.min_gap > 0 (App. I.6)
+    r is also kept at least min_gap below t.
+    """
+    s, t = _f64(s), _f64(t)
+    delta_eta = (eta(cfg.T, cfg.schedule) - eta(cfg.t_min, cfg.schedule)) / 2 ** cfg.k
+    # eta_t - delta_eta <= 0 means r = s; clamping first also keeps FM's y / (1 + y) off its y < -1 branch
+    r = eta_inv((eta(t, cfg.schedule) - delta_eta).clamp_min(0), cfg.schedule)
+    if cfg.min_gap > 0:
+        r = torch.minimum(r, t - cfg.min_gap)
+    return torch.maximum(s, r)
+
+
+def sample_times(n_groups, cfg, device="cpu", generator=None):
+    """t ~ U(t_min, T), s | t ~ U(t_min, t), r = r(s, t): one triple per group (App. C.7)."""
+    u = torch.rand(2, n_groups, dtype=torch.float64, generator=generator).to(device)
+    t = cfg.t_min + (cfg.T - cfg.t_min) * u[0]
+    s = cfg.t_min + (t - cfg.t_min) * u[1]
+    return Times(t=t, r=r_of(s=s, t=t, cfg=cfg), s=s)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Kernel, weighting and the loss (Eq. 12, 13, 67)
+# ---------------------------------------------------------------------------------------------
+
+def pairwise_distance(x, y, eps):
+    """||x_j - y_l||_2 for [G, M, D] inputs, clamped below at eps, without matmul-based cdist
+    (which loses precision for near-duplicates). sqrt(clamp(sum sq, eps^2)) keeps the gradient
+    finite (zero) when particles coincide."""
+    sq = (x[:, :, None, :] - y[:, None, :, :]).square().sum(-1)
+    return sq.clamp_min(eps * eps).sqrt()
+
+
+def laplace_kernel(x, y, w_tilde, eps=1e-8):
+    """Sec. 4.2: k_{s,t}(x, y) = exp(-w~(s,t) max(||x - y||, eps) / D) for [G, M, D] particles."""
+    D = x.shape[-1]
+    return torch.exp(-w_tilde[:, None, None] * pairwise_distance(x, y, eps) / D)
+
+
+def rbf_kernel(x, y, w_tilde, eps=1e-8):
+    """Gaussian kernel exp(-(w~ ||x - y||)^2 / (2 D)) with the same time-dependent scale (ablation)."""
+    D = x.shape[-1]
+    return torch.exp(-(w_tilde[:, None, None] * pairwise_distance(x, y, eps)) ** 2 / (2 * D))
+
+
+def kernel_weight(*, s, t, cfg):
+    """w~(s,t) = 1 / |c_out(s,t)| of the f-type in use (App. C.8); clamped so s = t stays finite."""
+    _, c_out = f_coefficients(s=s, t=t, cfg=cfg)
+    return 1 / c_out.abs().clamp_min(1e-12)
+
+
+def weight(t, cfg):
+    """Eq. 13: w(s,t) = 1/2 sigmoid(b - lambda_t) (-d lambda_t / dt) alpha_t^a / (alpha_t^2 + sigma_t^2)."""
+    alpha_t, sigma_t = alpha_sigma(t, cfg.schedule)
+    return (0.5 * torch.sigmoid(cfg.b - logsnr(t, cfg.schedule)) * neg_dlogsnr_dt(t, cfg.schedule)
+            * alpha_t ** cfg.a / (alpha_t ** 2 + sigma_t ** 2))
+
+
+def mmd_squared(y_t, y_r, w_tilde, cfg):
+    """Eq. 67: biased V-statistic of MMD^2 per group, all M x M pairs (diagonal included).
+
+    y_t, y_r: [G, M, D]. Returns [G]: mean K(y_t, y_t) + mean K(y_r, y_r) - 2 mean K(y_t, y_r).
+    """
+    kernel = laplace_kernel if cfg.kernel == "laplace" else rbf_kernel
+    k_tt = kernel(y_t, y_t, w_tilde, cfg.kernel_eps).mean((1, 2))
+    k_rr = kernel(y_r, y_r, w_tilde, cfg.kernel_eps).mean((1, 2))
+    k_tr = kernel(y_t, y_r, w_tilde, cfg.kernel_eps).mean((1, 2))
+    return k_tt + k_rr - 2 * k_tr
+
+
+def imm_loss(model, x, cfg, times=None, noise=None, labels=None):
+    """Eq. 12 (Algorithm 1): one IMM loss over a batch split into B / M groups of M particles.
+
+    Each group shares one (s, r, t); every particle has its own data point and noise.
+      x_t = alpha_t x + sigma_t noise,   x_r = DDIM(x_t, x, s=r, t=t)   (same x and noise)
+      y_t = f^theta_{s,t}(x_t)   (grad),   y_r = f^theta_{s,r}(x_r)   (same weights, no grad)
+      loss = mean over groups of w(s,t) MMD^2_{k_{s,t}}(y_t, y_r)
+    The target pass runs in the model's current mode with the same dropout mask as the online
+    pass: the RNG state is forked around the online pass and replayed for the target. (The paper does not say
+    how dropout enters the stop-gradient pass; this is our choice, as in ECT's consistency training.)
+    Returns (loss, stats) where stats holds detached per-group t, s, r, w and MMD^2 for logging.
+    """
+    B, M = x.shape[0], cfg.M
+    if B % M != 0:
+        raise ValueError(f"imm_loss: batch size {B} is not a multiple of the group size M={M}; "
+                         f"use a batch of {max(M, B - B % M)} or {B + M - B % M}")
+    G = B // M
+    if times is None:
+        times = sample_times(G, cfg, device=x.device)
+    t, r, s = (v.to(x.device).repeat_interleave(M) for v in times)   # one time per particle
+    if noise is None:
+        noise = torch.randn_like(x) * cfg.sigma_d
+    x_t = interpolate(x, noise, t=t, schedule=cfg.schedule)
+    x_r = ddim(x_t, x, t=t, s=r, schedule=cfg.schedule)
+
+    rng_devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        y_t = model(x_t, t=t, s=s, labels=labels)
+    with torch.no_grad():
+        y_r = model(x_r, t=r, s=s, labels=labels)
+
+    dtype = torch.promote_types(y_t.dtype, torch.float32)   # the kernel never runs below float32
+    w_tilde = kernel_weight(s=times.s, t=times.t, cfg=cfg).to(x.device, dtype)
+    mmd2 = mmd_squared(y_t.reshape(G, M, -1).to(dtype), y_r.reshape(G, M, -1).to(dtype), w_tilde, cfg)
+    w = weight(times.t, cfg).to(x.device, dtype)
+    loss = (w * mmd2).mean()
+    stats = dict(t=times.t.detach(), s=times.s.detach(), r=times.r.detach(), w=w, mmd2=mmd2.detach())
+    return loss, stats
+
+
+def fm_loss(model, x, cfg, times=None, noise=None, labels=None):
+    """Flow-matching baseline (Lipman et al. 2023) on the same network: with f_type 'euler_fm',
+    f_{s,t}(x_t) = x_t - (t - s) sigma_d G, so regress sigma_d G onto the velocity noise - x.
+
+    s is drawn as in IMM and fed to the network, which learns to ignore it; the samplers below
+    then run flow matching's Euler steps with the same code as IMM. Returns (loss, stats).
+    """
+    if cfg.f_type != "euler_fm":
+        raise ValueError(f"fm_loss needs cfg.f_type='euler_fm' (got {cfg.f_type!r})")
+    if times is None:
+        times = sample_times(x.shape[0], cfg, device=x.device)
+    if noise is None:
+        noise = torch.randn_like(x) * cfg.sigma_d
+    x_t = interpolate(x, noise, t=times.t, schedule=cfg.schedule)
+    G = model(x_t, t=times.t, s=times.s, labels=labels, raw=True).to(x.dtype)
+    per_sample = (cfg.sigma_d * G - (noise - x)).square().flatten(1).mean(1)
+    return per_sample.mean(), dict(t=times.t.detach(), mse=per_sample.detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. EMA of the weights, for sampling and evaluation only (the target branch uses the live weights)
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, parameters and floating buffers."""
+    e = [v for v in ema.state_dict().values() if v.is_floating_point()]
+    m = [v for v in model.state_dict().values() if v.is_floating_point()]
+    torch._foreach_lerp_(e, m, 1 - decay)  # one fused update instead of a Python loop over tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Samplers (Sec. 4.3, App. F; the state is kept in float64 like the official code)
+# ---------------------------------------------------------------------------------------------
+
+def timesteps(n, kind, cfg, mid_eta=(), rho=7.0):
+    """Decreasing times T = t_0 > ... > t_n = t_min (float64, length n + 1).
+
+    'uniform': linspace(T, t_min) (Eq. 117); 'edm': rho-spaced in eta between eta(T) and
+    eta(t_min) (App. I.2); 'eta': explicit midpoints in eta, [T, eta^-1(mid_eta), t_min]
+    (CIFAR 2-step: mid_eta = (1.4,)).
+    """
+    if n < 1:
+        raise ValueError(f"timesteps: need n >= 1 steps, got {n}")
+    if kind == "uniform":
+        return torch.linspace(cfg.T, cfg.t_min, n + 1, dtype=torch.float64)
+    if kind == "edm":
+        hi, lo = eta(cfg.T, cfg.schedule) ** (1 / rho), eta(cfg.t_min, cfg.schedule) ** (1 / rho)
+        etas = (hi + torch.arange(n + 1, dtype=torch.float64) / n * (lo - hi)) ** rho
+        ts = eta_inv(etas, cfg.schedule)
+        ts[0], ts[-1] = cfg.T, cfg.t_min  # exact endpoints, no round-trip error
+        return ts
+    if kind == "eta":
+        if len(mid_eta) != n - 1:
+            raise ValueError(f"timesteps: kind 'eta' with n={n} needs {n - 1} mid_eta values, got {len(mid_eta)}")
+        mids = eta_inv(torch.tensor(list(mid_eta), dtype=torch.float64), cfg.schedule)
+        return torch.cat([torch.tensor([cfg.T], dtype=torch.float64), mids,
+                          torch.tensor([cfg.t_min], dtype=torch.float64)])
+    raise ValueError(f"timesteps: kind must be 'uniform', 'edm' or 'eta', got {kind!r}")
+
+
+def prior_sample(shape, cfg, device="cpu", generator=None):
+    """x_T ~ N(0, sigma_d^2 I) in float64."""
+    return torch.randn(shape, dtype=torch.float64, generator=generator).to(device) * cfg.sigma_d
+
+
+@torch.no_grad()
+def pushforward_sample(model, x_T, ts, labels=None):
+    """Algorithm 2: x <- f_{t_{i+1}, t_i}(x) along the decreasing time list ts; returns x at ts[-1]."""
+    was_training = model.training
+    model.eval()
+    x = x_T.to(torch.float64)
+    for t, s in zip(ts[:-1], ts[1:]):
+        x = model(x, t=t, s=s, labels=labels)
+    model.train(was_training)
+    return x
+
+
+@torch.no_grad()
+def restart_sample(model, x_T, ts, labels=None, generator=None):
+    """Algorithm 5: jump from each t_i straight to t_end = ts[-1], then re-noise to t_{i+1} with fresh noise."""
+    was_training = model.training
+    model.eval()
+    cfg, x, t_end = model.cfg, x_T.to(torch.float64), ts[-1]
+    for i, t in enumerate(ts[:-1]):
+        x_end = model(x, t=t, s=t_end, labels=labels)
+        if i + 2 < len(ts):
+            noise = prior_sample(x.shape, cfg, x.device, generator)
+            x = interpolate(x_end, noise, t=ts[i + 1], schedule=cfg.schedule)
+    model.train(was_training)
+    return x_end
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Networks. Both take (x, c_noise_t, c_noise_s, labels) and return a tensor shaped like x; DDPM++'s labels are
 #    EDM's augmentation labels (None = un-augmented), the MLP ignores them.
 # ---------------------------------------------------------------------------------------------
 
@@ -228,7 +437,7 @@ def positional_embedding(x, channels, max_positions=10000):
 
 
 class MLP(nn.Module):
-    """Residual MLP for low-dimensional data, conditioned on t and s like DDPM++ (Sec. 3 of the spec):
+    """Residual MLP for low-dimensional data, conditioned on t and s like DDPM++ (App. I.1, "injecting time s"):
     emb = silu(mlp_t(PE(c_noise_t)) + mlp_s(PE(c_noise_s))), added inside every block."""
 
     def __init__(self, dim=2, width=256, depth=4, emb_channels=64, dropout=0.0):
@@ -253,7 +462,7 @@ class MLP(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3b. DDPM++ for CIFAR-10: EDM's SongUNet plus IMM's second (s) time embedding (spec 4.1).
+# 7b. DDPM++ for CIFAR-10: EDM's SongUNet plus IMM's second (s) time embedding (App. I.1; official training/unets.py).
 #     Module names follow the official code so its checkpoints load key for key.
 # ---------------------------------------------------------------------------------------------
 
@@ -300,7 +509,7 @@ class EmbeddingLinear(nn.Linear):
     The positional-embedding frequencies are float64, so in the official code the time embedding,
     both MLPs and every block's `affine` run in float64 (its layers cast weights to the input).
     We do the same with float32 parameters: it keeps parity with the official weights, and near T,
-    where t - r is only ~2e-7 (spec 13.10), the embedding still tells t and r apart.
+    where t - r is only ~2e-7 (App. C.6 with k = 15), the embedding still tells t and r apart.
     """
 
     def __init__(self, in_features, out_features, bias=True):
@@ -338,7 +547,7 @@ class Conv(nn.Conv2d):
 
 
 class UNetBlock(nn.Module):
-    """DDPM++ residual block (spec 4.1): GroupNorm-SiLU-conv, add the embedding, GroupNorm-SiLU-
+    """DDPM++ residual block (EDM's UNetBlock, official training/unets.py): GroupNorm-SiLU-conv, add the embedding, GroupNorm-SiLU-
     dropout-conv, skip, scale by 1/sqrt(2); optionally single-head self-attention after it."""
 
     def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False, attention=False, dropout=0.0):
@@ -378,7 +587,7 @@ class UNetBlock(nn.Module):
 
 class DDPMpp(nn.Module):
     """G_theta(x, c_noise_t, c_noise_s) for 32x32 images: EDM's DDPM++ U-Net with a second time
-    embedding for s (spec 4.1; 56,061,443 parameters with the defaults). Unconditional only."""
+    embedding for s (App. I.1; 56,061,443 parameters with the defaults, Table 5's "55M"). Unconditional."""
 
     def __init__(self, img_resolution=32, in_channels=3, out_channels=3, model_channels=128, channel_mult=(2, 2, 2),
                  num_blocks=4, attn_resolutions=(16,), dropout=0.2, channel_mult_emb=4, channel_mult_noise=1,
@@ -453,438 +662,7 @@ class DDPMpp(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Time sampling p(s,t) and the mapping r(s,t) (Sec. 4.2, App. C.6, C.7)
-# ---------------------------------------------------------------------------------------------
-
-class Times(NamedTuple):
-    """One (t, r, s) per group, s <= r < t (r = s allowed), float64."""
-    t: torch.Tensor
-    r: torch.Tensor
-    s: torch.Tensor
-
-
-def r_of(*, s, t, cfg):
-    """App. C.6 'constant decrement in eta': r(s,t) = max(s, eta^-1(eta_t - delta_eta)).
-
-    delta_eta = (eta(T) - eta(t_min)) / 2^k, the official code's (nt_high - nt_low) / 2^k; the
-    paper's rounder (160 - 0) / 2^k differs by 3.5% (spec 0a). With cfg.min_gap > 0 (App. I.6)
-    r is also kept at least min_gap below t.
-    """
-    s, t = _f64(s), _f64(t)
-    delta_eta = (eta(cfg.T, cfg.schedule) - eta(cfg.t_min, cfg.schedule)) / 2 ** cfg.k
-    # eta_t - delta_eta <= 0 means r = s; clamping first also keeps FM's y / (1 + y) off its y < -1 branch
-    r = eta_inv((eta(t, cfg.schedule) - delta_eta).clamp_min(0), cfg.schedule)
-    if cfg.min_gap > 0:
-        r = torch.minimum(r, t - cfg.min_gap)
-    return torch.maximum(s, r)
-
-
-def sample_times(n_groups, cfg, device="cpu", generator=None):
-    """t ~ U(t_min, T), s | t ~ U(t_min, t), r = r(s, t): one triple per group (App. C.7)."""
-    u = torch.rand(2, n_groups, dtype=torch.float64, generator=generator).to(device)
-    t = cfg.t_min + (cfg.T - cfg.t_min) * u[0]
-    s = cfg.t_min + (t - cfg.t_min) * u[1]
-    return Times(t=t, r=r_of(s=s, t=t, cfg=cfg), s=s)
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. Kernel, weighting and the loss (Eq. 12, 13, 67)
-# ---------------------------------------------------------------------------------------------
-
-def pairwise_distance(x, y, eps):
-    """||x_j - y_l||_2 for [G, M, D] inputs, clamped below at eps, without matmul-based cdist
-    (which loses precision for near-duplicates). sqrt(clamp(sum sq, eps^2)) keeps the gradient
-    finite (zero) when particles coincide."""
-    sq = (x[:, :, None, :] - y[:, None, :, :]).square().sum(-1)
-    return sq.clamp_min(eps * eps).sqrt()
-
-
-def laplace_kernel(x, y, w_tilde, eps=1e-8):
-    """Sec. 4.2: k_{s,t}(x, y) = exp(-w~(s,t) max(||x - y||, eps) / D) for [G, M, D] particles."""
-    D = x.shape[-1]
-    return torch.exp(-w_tilde[:, None, None] * pairwise_distance(x, y, eps) / D)
-
-
-def rbf_kernel(x, y, w_tilde, eps=1e-8):
-    """Gaussian kernel exp(-(w~ ||x - y||)^2 / (2 D)) with the same time-dependent scale (ablation)."""
-    D = x.shape[-1]
-    return torch.exp(-(w_tilde[:, None, None] * pairwise_distance(x, y, eps)) ** 2 / (2 * D))
-
-
-def kernel_weight(*, s, t, cfg):
-    """w~(s,t) = 1 / |c_out(s,t)| of the f-type in use (App. C.8); clamped so s = t stays finite."""
-    _, c_out = f_coefficients(s=s, t=t, cfg=cfg)
-    return 1 / c_out.abs().clamp_min(1e-12)
-
-
-def weight(t, cfg):
-    """Eq. 13: w(s,t) = 1/2 sigmoid(b - lambda_t) (-d lambda_t / dt) alpha_t^a / (alpha_t^2 + sigma_t^2)."""
-    alpha_t, sigma_t = alpha_sigma(t, cfg.schedule)
-    return (0.5 * torch.sigmoid(cfg.b - logsnr(t, cfg.schedule)) * neg_dlogsnr_dt(t, cfg.schedule)
-            * alpha_t ** cfg.a / (alpha_t ** 2 + sigma_t ** 2))
-
-
-def mmd_squared(y_t, y_r, w_tilde, cfg):
-    """Eq. 67: biased V-statistic of MMD^2 per group, all M x M pairs (diagonal included).
-
-    y_t, y_r: [G, M, D]. Returns [G]: mean K(y_t, y_t) + mean K(y_r, y_r) - 2 mean K(y_t, y_r).
-    """
-    kernel = laplace_kernel if cfg.kernel == "laplace" else rbf_kernel
-    k_tt = kernel(y_t, y_t, w_tilde, cfg.kernel_eps).mean((1, 2))
-    k_rr = kernel(y_r, y_r, w_tilde, cfg.kernel_eps).mean((1, 2))
-    k_tr = kernel(y_t, y_r, w_tilde, cfg.kernel_eps).mean((1, 2))
-    return k_tt + k_rr - 2 * k_tr
-
-
-def imm_loss(model, x, cfg, times=None, noise=None, labels=None):
-    """Eq. 12 (Algorithm 1): one IMM loss over a batch split into B / M groups of M particles.
-
-    Each group shares one (s, r, t); every particle has its own data point and noise.
-      x_t = alpha_t x + sigma_t noise,   x_r = DDIM(x_t, x, s=r, t=t)   (same x and noise)
-      y_t = f^theta_{s,t}(x_t)   (grad),   y_r = f^theta_{s,r}(x_r)   (same weights, no grad)
-      loss = mean over groups of w(s,t) MMD^2_{k_{s,t}}(y_t, y_r)
-    The target pass runs in the model's current mode with the same dropout mask as the online
-    pass: the RNG state is forked around the online pass and replayed for the target (spec 0a).
-    Returns (loss, stats) where stats holds detached per-group t, s, r, w and MMD^2 for logging.
-    """
-    B, M = x.shape[0], cfg.M
-    if B % M != 0:
-        raise ValueError(f"imm_loss: batch size {B} is not a multiple of the group size M={M}; "
-                         f"use a batch of {max(M, B - B % M)} or {B + M - B % M}")
-    G = B // M
-    if times is None:
-        times = sample_times(G, cfg, device=x.device)
-    t, r, s = (v.to(x.device).repeat_interleave(M) for v in times)   # one time per particle
-    if noise is None:
-        noise = torch.randn_like(x) * cfg.sigma_d
-    x_t = interpolate(x, noise, t=t, schedule=cfg.schedule)
-    x_r = ddim(x_t, x, t=t, s=r, schedule=cfg.schedule)
-
-    rng_devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices):
-        y_t = model(x_t, t=t, s=s, labels=labels)
-    with torch.no_grad():
-        y_r = model(x_r, t=r, s=s, labels=labels)
-
-    dtype = torch.promote_types(y_t.dtype, torch.float32)   # the kernel never runs below float32
-    w_tilde = kernel_weight(s=times.s, t=times.t, cfg=cfg).to(x.device, dtype)
-    mmd2 = mmd_squared(y_t.reshape(G, M, -1).to(dtype), y_r.reshape(G, M, -1).to(dtype), w_tilde, cfg)
-    w = weight(times.t, cfg).to(x.device, dtype)
-    loss = (w * mmd2).mean()
-    stats = dict(t=times.t.detach(), s=times.s.detach(), r=times.r.detach(), w=w, mmd2=mmd2.detach())
-    return loss, stats
-
-
-def fm_loss(model, x, cfg, times=None, noise=None, labels=None):
-    """Flow-matching baseline (Lipman et al. 2023) on the same network: with f_type 'euler_fm',
-    f_{s,t}(x_t) = x_t - (t - s) sigma_d G, so regress sigma_d G onto the velocity noise - x.
-
-    s is drawn as in IMM and fed to the network, which learns to ignore it; the samplers below
-    then run flow matching's Euler steps with the same code as IMM. Returns (loss, stats).
-    """
-    if cfg.f_type != "euler_fm":
-        raise ValueError(f"fm_loss needs cfg.f_type='euler_fm' (got {cfg.f_type!r})")
-    if times is None:
-        times = sample_times(x.shape[0], cfg, device=x.device)
-    if noise is None:
-        noise = torch.randn_like(x) * cfg.sigma_d
-    x_t = interpolate(x, noise, t=times.t, schedule=cfg.schedule)
-    G = model(x_t, t=times.t, s=times.s, labels=labels, raw=True).to(x.dtype)
-    per_sample = (cfg.sigma_d * G - (noise - x)).square().flatten(1).mean(1)
-    return per_sample.mean(), dict(t=times.t.detach(), mse=per_sample.detach())
-
-
-# ---------------------------------------------------------------------------------------------
-# 6. EMA of the weights, for sampling and evaluation only (the target branch uses the live weights)
-# ---------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def ema_update(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, parameters and floating buffers."""
-    e = [v for v in ema.state_dict().values() if v.is_floating_point()]
-    m = [v for v in model.state_dict().values() if v.is_floating_point()]
-    torch._foreach_lerp_(e, m, 1 - decay)  # one fused update instead of a Python loop over tensors
-
-
-# ---------------------------------------------------------------------------------------------
-# 7. Samplers (Sec. 4.3, App. F; the state is kept in float64 like the official code)
-# ---------------------------------------------------------------------------------------------
-
-def timesteps(n, kind, cfg, mid_eta=(), rho=7.0):
-    """Decreasing times T = t_0 > ... > t_n = t_min (float64, length n + 1).
-
-    'uniform': linspace(T, t_min) (Eq. 117); 'edm': rho-spaced in eta between eta(T) and
-    eta(t_min) (App. I.2); 'eta': explicit midpoints in eta, [T, eta^-1(mid_eta), t_min]
-    (CIFAR 2-step: mid_eta = (1.4,)).
-    """
-    if n < 1:
-        raise ValueError(f"timesteps: need n >= 1 steps, got {n}")
-    if kind == "uniform":
-        return torch.linspace(cfg.T, cfg.t_min, n + 1, dtype=torch.float64)
-    if kind == "edm":
-        hi, lo = eta(cfg.T, cfg.schedule) ** (1 / rho), eta(cfg.t_min, cfg.schedule) ** (1 / rho)
-        etas = (hi + torch.arange(n + 1, dtype=torch.float64) / n * (lo - hi)) ** rho
-        ts = eta_inv(etas, cfg.schedule)
-        ts[0], ts[-1] = cfg.T, cfg.t_min  # exact endpoints, no round-trip error
-        return ts
-    if kind == "eta":
-        if len(mid_eta) != n - 1:
-            raise ValueError(f"timesteps: kind 'eta' with n={n} needs {n - 1} mid_eta values, got {len(mid_eta)}")
-        mids = eta_inv(torch.tensor(list(mid_eta), dtype=torch.float64), cfg.schedule)
-        return torch.cat([torch.tensor([cfg.T], dtype=torch.float64), mids,
-                          torch.tensor([cfg.t_min], dtype=torch.float64)])
-    raise ValueError(f"timesteps: kind must be 'uniform', 'edm' or 'eta', got {kind!r}")
-
-
-def prior_sample(shape, cfg, device="cpu", generator=None):
-    """x_T ~ N(0, sigma_d^2 I) in float64."""
-    return torch.randn(shape, dtype=torch.float64, generator=generator).to(device) * cfg.sigma_d
-
-
-@torch.no_grad()
-def pushforward_sample(model, x_T, ts, labels=None):
-    """Algorithm 2: x <- f_{t_{i+1}, t_i}(x) along the decreasing time list ts; returns x at ts[-1]."""
-    was_training = model.training
-    model.eval()
-    x = x_T.to(torch.float64)
-    for t, s in zip(ts[:-1], ts[1:]):
-        x = model(x, t=t, s=s, labels=labels)
-    model.train(was_training)
-    return x
-
-
-@torch.no_grad()
-def restart_sample(model, x_T, ts, labels=None, generator=None):
-    """Algorithm 5: jump from each t_i straight to t_end = ts[-1], then re-noise to t_{i+1} with fresh noise."""
-    was_training = model.training
-    model.eval()
-    cfg, x, t_end = model.cfg, x_T.to(torch.float64), ts[-1]
-    for i, t in enumerate(ts[:-1]):
-        x_end = model(x, t=t, s=t_end, labels=labels)
-        if i + 2 < len(ts):
-            noise = prior_sample(x.shape, cfg, x.device, generator)
-            x = interpolate(x_end, noise, t=ts[i + 1], schedule=cfg.schedule)
-    model.train(was_training)
-    return x_end
-
-
-# ---------------------------------------------------------------------------------------------
-# 8. Checkpoint loading and images: the official CIFAR-10 model, read without running any of its code
-#     (spec 10). The files are plain pickles whose classes rebuild themselves by exec()ing
-#     source text stored in the file; we keep only tensors and a few scalars.
-# ---------------------------------------------------------------------------------------------
-
-OFFICIAL_CIFAR10_URL = "https://huggingface.co/lumaai/imm/resolve/main/cifar10.pt"
-
-# Globals that could only serve to run code. Everything else unknown becomes an inert stub, so
-# this list is not what keeps loading safe; it turns an obviously malicious file into a clear error.
-_DENIED_MODULES = {"builtins", "os", "posix", "nt", "subprocess", "sys", "importlib", "runpy", "shutil",
-                   "socket", "ctypes", "pickle", "marshal", "code"}
-
-
-class _Inert:
-    """Stand-in for any class or function the checkpoint names: records arguments, runs nothing."""
-
-    def __new__(cls, *args, **kwargs):  # REDUCE calls the stub, NEWOBJ calls only __new__
-        self = super().__new__(cls)
-        self.args, self.kwargs, self.state, self.items, self.elements = args, kwargs, None, {}, []
-        return self
-
-    def __setstate__(self, state):      # BUILD (e.g. ModuleDict's __dict__)
-        self.state = state
-
-    def __setitem__(self, key, value):  # SETITEMS on dict subclasses (EasyDict)
-        self.items[key] = value
-
-    def append(self, value):            # APPENDS on list subclasses
-        self.elements.append(value)
-
-    def extend(self, values):
-        self.elements.extend(values)
-
-
-class _PersistentRecord:
-    """What `torch_utils.persistence._reconstruct_persistent_obj(meta)` becomes: the class name and
-    the instance __dict__. meta['module_src'] (the class's source code) is dropped unread."""
-
-    def __init__(self, meta):
-        meta = meta if isinstance(meta, dict) else {}
-        self.class_name, self.state = meta.get("class_name"), meta.get("state")
-
-
-def _storage_from_bytes(blob):
-    # Each storage is a complete legacy (non-zip) torch.save blob; torch's weights_only unpickler
-    # reads those and accepts nothing but storages and plain containers (spec 10.2). Storages
-    # saved from a GPU name 'cuda:0' as their location: map them to the CPU so no GPU is needed.
-    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-
-
-def _rebuild_tensor(storage, offset, size, stride, *unused):
-    return torch.empty(0, dtype=storage.dtype).set_(storage, offset, size, stride).clone()
-
-
-def _rebuild_parameter(data, *unused):
-    return data
-
-
-class RefusedGlobalError(pickle.UnpicklingError):
-    """The checkpoint names a global that can only serve to run code."""
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    """Spec 10.2: whitelist what the checkpoint needs, refuse code-running globals, stub the rest."""
-
-    _allowed = {
-        ("torch_utils.persistence", "_reconstruct_persistent_obj"): _PersistentRecord,
-        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-        ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
-        ("collections", "OrderedDict"): collections.OrderedDict,
-        ("builtins", "set"): set,            # pickle protocols < 4 spell sets this way
-        ("builtins", "frozenset"): frozenset,
-    }
-
-    def find_class(self, module, name):
-        if (module, name) in self._allowed:
-            return self._allowed[module, name]
-        if module.split(".")[0] in _DENIED_MODULES:
-            raise RefusedGlobalError(f"refusing to load global {module}.{name}: it can run code, and an "
-                                     f"IMM checkpoint never needs it (is this file malicious?)")
-        return type(name, (_Inert,), {"__module__": "imm._inert." + module})   # a fresh class per name
-
-
-def _module_state(obj):
-    state = obj.state if isinstance(obj, (_PersistentRecord, _Inert)) else None
-    return state if isinstance(state, dict) else {}
-
-
-def _flat_state_dict(obj, prefix=""):
-    """Spec 10.2 step 3: the state_dict() of a pickled module tree, read from its __dict__ records."""
-    state, out = _module_state(obj), {}
-    skip = state.get("_non_persistent_buffers_set") or set()
-    for group in ("_parameters", "_buffers"):
-        for name, tensor in (state.get(group) or {}).items():
-            if torch.is_tensor(tensor) and not (group == "_buffers" and name in skip):
-                out[prefix + name] = tensor
-    for name, child in (state.get("_modules") or {}).items():
-        if child is not None:
-            out.update(_flat_state_dict(child, prefix + name + "."))
-    return out
-
-
-def _download(url, cache_dir=None):
-    """Fetch url into cache_dir once (temp file + rename, so an interrupted download leaves nothing)."""
-    cache_dir = os.path.expanduser(cache_dir or "~/.cache/imm")
-    path = os.path.join(cache_dir, os.path.basename(urllib.parse.urlparse(url).path))
-    if not os.path.exists(path):
-        os.makedirs(cache_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url) as r:
-                shutil.copyfileobj(r, f)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return path
-
-
-def _official_config(state):
-    """IMMConfig from the official IMMPrecond's scalars (spec 10.2 step 5); CIFAR defaults where absent.
-    Official names: sigma_data, T, eps (= t_min), f_type, temb_type, noise_schedule, time_scale;
-    the values ('fm' | 'vp_cosine', 'identity' | 'stride', f-types) are spelled as in IMMConfig."""
-    default = IMMConfig()
-
-    def get(key, fallback, kind):
-        v = state.get(key)
-        return kind(v) if isinstance(v, (int, float, str)) and not isinstance(v, bool) else fallback
-    return IMMConfig(sigma_d=get("sigma_data", default.sigma_d, float), T=get("T", default.T, float),
-                     t_min=get("eps", default.t_min, float), f_type=get("f_type", default.f_type, str),
-                     temb=get("temb_type", default.temb, str), schedule=get("noise_schedule", default.schedule, str),
-                     time_scale=get("time_scale", default.time_scale, float))
-
-
-def load_official(path_or_url=OFFICIAL_CIFAR10_URL, cache_dir=None, map_location="cpu"):
-    """(model, cfg) from an official IMM CIFAR-10 checkpoint: IMMModel(DDPMpp()) with the EMA weights,
-    in eval mode. A URL is downloaded once into cache_dir (default ~/.cache/imm)."""
-    path = _download(path_or_url, cache_dir) if "://" in str(path_or_url) else str(path_or_url)
-    expected = (f"expected an official IMM CIFAR-10 checkpoint (a raw pickle of a dict with 'ema', "
-                f"like {OFFICIAL_CIFAR10_URL})")
-    with open(path, "rb") as f:
-        head = f.read(2)
-        if head == b"PK":
-            raise ValueError(f"{path} is a zip archive (torch.save format), not a raw pickle; {expected}")
-        if head[:1] != b"\x80":
-            raise ValueError(f"{path} is not a pickle file; {expected}")
-        f.seek(0)
-        try:
-            data = _SafeUnpickler(f).load()
-        except RefusedGlobalError:
-            raise
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-                RuntimeError) as e:
-            raise ValueError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); {expected}") from e
-    if not isinstance(data, dict) or "ema" not in data:
-        raise ValueError(f"{path} has no 'ema' entry; {expected}")
-    root = data["ema"]
-
-    cfg = _official_config(_module_state(root))
-    model = IMMModel(DDPMpp(), cfg)
-    found, want = _flat_state_dict(root), model.state_dict()
-    missing = [k for k in want if k not in found]
-    wrong = [f"{k} {tuple(found[k].shape)} != {tuple(v.shape)}" for k, v in want.items()
-             if k in found and found[k].shape != v.shape]
-    if missing or wrong:
-        extra = [k for k in found if k not in want]
-        raise ValueError(f"{path} is not an IMM CIFAR-10 DDPM++ checkpoint: {len(missing)} missing keys "
-                         f"{missing[:5]}, {len(wrong)} shape mismatches {wrong[:5]}, {len(extra)} unexpected "
-                         f"keys {extra[:5]}")
-    # Extra keys (e.g. model.map_augment.weight if training fed EDM augment labels) are ignored,
-    # as the official copy_params_and_buffers(require_all=True) does (spec 10.2 step 4).
-    model.load_state_dict({k: found[k] for k in want})
-    return model.eval().to(map_location), cfg
-
-
-def decode_images(x):
-    """Spec 6.4: float NCHW in about [-1, 1] -> uint8 NHWC, as the official (x * 127.5 + 128).clip(0, 255)
-    cast to uint8. The +128 with truncation rounds half up: x = -1 -> 0, 0 -> 128, 1 -> 255."""
-    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
-def save_image_grid(x, path, nrow=None):
-    """Write images x (float NCHW, about [-1, 1]) as one PNG, nrow images per row (default ~square)."""
-    from PIL import Image
-    img = decode_images(x)
-    N, H, W, C = img.shape
-    nrow = nrow or math.ceil(math.sqrt(N))
-    rows = math.ceil(N / nrow)
-    img = torch.cat([img, img.new_zeros(rows * nrow - N, H, W, C)])   # black cells after the last image
-    grid = img.reshape(rows, nrow, H, W, C).transpose(1, 2).reshape(rows * H, nrow * W, C)
-    Image.fromarray(grid.squeeze(-1).numpy() if C == 1 else grid.numpy()).save(path)
-
-
-def sample_images(model, n, steps=2, seed=0, generator=None, device=None, batch=500):
-    """n images (float64 NCHW, about [-1, 1]) from IMMModel(DDPMpp) with the pushforward sampler and
-    CIFAR-10's step lists: 1 step [T, t_min]; 2 steps [T, eta^-1(1.4), t_min] (spec 6.1). The prior
-    noise comes from `generator` (CPU) if given, else from a new one seeded with `seed`; it is moved
-    to `device` (default: the model's), batch images at a time."""
-    if steps not in (1, 2):
-        raise ValueError(f"sample_images: steps must be 1 or 2 (CIFAR-10's lists), got {steps}; for other "
-                         f"lists call timesteps() and pushforward_sample() directly")
-    cfg, net = model.cfg, model.model
-    device = device or next(model.parameters()).device
-    ts = timesteps(steps, "eta", cfg, mid_eta=(1.4,)[:steps - 1])
-    gen = generator or torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(0, n, batch):
-        shape = (min(batch, n - i), net.in_channels, net.img_resolution, net.img_resolution)
-        out.append(pushforward_sample(model, prior_sample(shape, cfg, device, gen), ts).cpu())
-    return torch.cat(out)
-
-
-# ---------------------------------------------------------------------------------------------
-# 9. Sample quality for low-dimensional data: sliced Wasserstein-2 distance (needs no network)
+# 8. Sample quality for low-dimensional data: sliced Wasserstein-2 distance (needs no network)
 # ---------------------------------------------------------------------------------------------
 
 def sliced_wasserstein(x, y, n_proj=256, seed=0):
@@ -907,7 +685,7 @@ def sliced_wasserstein(x, y, n_proj=256, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------
-# 10. 2D demo: IMM against flow matching with the same network, step budget and sampler code
+# 9. 2D demo: IMM against flow matching with the same network, step budget and sampler code
 # ---------------------------------------------------------------------------------------------
 
 def toy_data(n, name="checkerboard", generator=None):

@@ -13,18 +13,23 @@ same loss up to float rounding. Dropout masks are seeded by (seed, n, rank): wit
 different numbers of GPUs draw different (equally valid) masks.
 """
 import argparse
+import collections
 import copy
 import datetime
 import functools
 import glob
 import hashlib
+import io
 import json
 import math
 import os
 import pickle
 import shutil
+import tempfile
 import time
 import traceback
+import urllib.parse
+import urllib.request
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -35,12 +40,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from imm import (ArgParser, DDPMpp, IMMConfig, IMMModel, OFFICIAL_CIFAR10_URL, Times, decode_images, ema_update, fm_loss,
-                 imm_loss, int_at_least, load_official, sample_images, sample_times, save_image_grid)
+from imm import (ArgParser, DDPMpp, IMMConfig, IMMModel, Times, ema_update, fm_loss, imm_loss, int_at_least,
+                 prior_sample, pushforward_sample, sample_times, timesteps)
 
 # -----------------------------------------------------------------------------------------------
 # Config: the paper's CIFAR-10 recipe as defaults; every value can be changed from the command line
 # -----------------------------------------------------------------------------------------------
+
+OFFICIAL_CIFAR10_URL = "https://huggingface.co/lumaai/imm/resolve/main/cifar10.pt"   # the released EMA model
 
 # Precision policy (README "Precision"). The target y_r = f_{s,r}(x_r) differs from the online y_t = f_{s,t}(x_t)
 # only through t - r, which near T is ~2e-7 (App. C.6, k = 15), and the Laplace kernel's gradient is the unit vector
@@ -287,17 +294,29 @@ def step_seed(seed, step, slot=0):
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
-class CifarUnpickler(pickle.Unpickler):
-    """CIFAR-10 batches hold only dicts, lists, bytes and numpy arrays: any other global is refused,
-    so a tampered file cannot run code."""
-    allowed = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar")}
+class RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only the globals in `allowed` ({(module, name): object, None = the real one}); every other global goes
+    to `unknown`, which refuses it. Both files we unpickle (CIFAR-10 batches, the official checkpoint) use it."""
+    allowed = {}
 
     def find_class(self, module, name):
         if (module, name) not in self.allowed:
-            raise pickle.UnpicklingError(f"unexpected global {module}.{name} (a CIFAR-10 batch holds only arrays)")
-        return super().find_class(module, name)
+            return self.unknown(module, name)
+        return self.allowed[module, name] or super().find_class(module, name)
+
+    def unknown(self, module, name):
+        raise pickle.UnpicklingError(f"unexpected global {module}.{name}")
+
+
+class CifarUnpickler(RestrictedUnpickler):
+    """CIFAR-10 batches hold only dicts, lists, bytes and numpy arrays: any other global is refused,
+    so a tampered file cannot run code."""
+    allowed = dict.fromkeys([("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                             ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+                             ("numpy._core.multiarray", "scalar")])
+
+    def unknown(self, module, name):
+        raise pickle.UnpicklingError(f"unexpected global {module}.{name} (a CIFAR-10 batch holds only arrays)")
 
 
 def load_cifar_python(folder):
@@ -691,6 +710,217 @@ def available_memory_bytes():
             return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
     except (OSError, StopIteration, ValueError):
         return None
+
+
+# -----------------------------------------------------------------------------------------------
+# The official CIFAR-10 checkpoint, read without running any of its code, and images. The released files are plain
+# pickles whose classes rebuild themselves by exec()ing source text stored in the file (official torch_utils/
+# persistence.py); we keep only tensors and a few scalars.
+# -----------------------------------------------------------------------------------------------
+
+# Globals that could only serve to run code. Everything else unknown becomes an inert stub, so
+# this list is not what keeps loading safe; it turns an obviously malicious file into a clear error.
+_DENIED_MODULES = {"builtins", "os", "posix", "nt", "subprocess", "sys", "importlib", "runpy", "shutil",
+                   "socket", "ctypes", "pickle", "marshal", "code"}
+
+
+class _Inert:
+    """Stand-in for any class or function the checkpoint names: records arguments, runs nothing."""
+
+    def __new__(cls, *args, **kwargs):  # REDUCE calls the stub, NEWOBJ calls only __new__
+        self = super().__new__(cls)
+        self.args, self.kwargs, self.state, self.items, self.elements = args, kwargs, None, {}, []
+        return self
+
+    def __setstate__(self, state):      # BUILD (e.g. ModuleDict's __dict__)
+        self.state = state
+
+    def __setitem__(self, key, value):  # SETITEMS on dict subclasses (EasyDict)
+        self.items[key] = value
+
+    def append(self, value):            # APPENDS on list subclasses
+        self.elements.append(value)
+
+    def extend(self, values):
+        self.elements.extend(values)
+
+
+class _PersistentRecord:
+    """What `torch_utils.persistence._reconstruct_persistent_obj(meta)` becomes: the class name and
+    the instance __dict__. meta['module_src'] (the class's source code) is dropped unread."""
+
+    def __init__(self, meta):
+        meta = meta if isinstance(meta, dict) else {}
+        self.class_name, self.state = meta.get("class_name"), meta.get("state")
+
+
+def _storage_from_bytes(blob):
+    # Each storage is a complete legacy (non-zip) torch.save blob; torch's weights_only unpickler
+    # reads those and accepts nothing but storages and plain containers. Storages
+    # saved from a GPU name 'cuda:0' as their location: map them to the CPU so no GPU is needed.
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+
+
+def _rebuild_tensor(storage, offset, size, stride, *unused):
+    return torch.empty(0, dtype=storage.dtype).set_(storage, offset, size, stride).clone()
+
+
+def _rebuild_parameter(data, *unused):
+    return data
+
+
+class RefusedGlobalError(pickle.UnpicklingError):
+    """The checkpoint names a global that can only serve to run code."""
+
+
+class OfficialUnpickler(RestrictedUnpickler):
+    """What the official checkpoint needs (tensor rebuilders, plain containers), its persistent objects as inert
+    records, code-running globals refused, and any other global an inert stub."""
+    allowed = {
+        ("torch_utils.persistence", "_reconstruct_persistent_obj"): _PersistentRecord,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+        ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("builtins", "set"): set,            # pickle protocols < 4 spell sets this way
+        ("builtins", "frozenset"): frozenset,
+    }
+
+    def unknown(self, module, name):
+        if module.split(".")[0] in _DENIED_MODULES:
+            raise RefusedGlobalError(f"refusing to load global {module}.{name}: it can run code, and an "
+                                     f"IMM checkpoint never needs it (is this file malicious?)")
+        return type(name, (_Inert,), {"__module__": "imm._inert." + module})   # a fresh class per name
+
+
+def _module_state(obj):
+    state = obj.state if isinstance(obj, (_PersistentRecord, _Inert)) else None
+    return state if isinstance(state, dict) else {}
+
+
+def _flat_state_dict(obj, prefix=""):
+    """The state_dict() of a pickled module tree, read from its __dict__ records (_parameters, _buffers, _modules)."""
+    state, out = _module_state(obj), {}
+    skip = state.get("_non_persistent_buffers_set") or set()
+    for group in ("_parameters", "_buffers"):
+        for name, tensor in (state.get(group) or {}).items():
+            if torch.is_tensor(tensor) and not (group == "_buffers" and name in skip):
+                out[prefix + name] = tensor
+    for name, child in (state.get("_modules") or {}).items():
+        if child is not None:
+            out.update(_flat_state_dict(child, prefix + name + "."))
+    return out
+
+
+def _download(url, cache_dir=None):
+    """Fetch url into cache_dir once (temp file + rename, so an interrupted download leaves nothing)."""
+    cache_dir = os.path.expanduser(cache_dir or "~/.cache/imm")
+    path = os.path.join(cache_dir, os.path.basename(urllib.parse.urlparse(url).path))
+    if not os.path.exists(path):
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url) as r:
+                shutil.copyfileobj(r, f)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return path
+
+
+def _official_config(state):
+    """IMMConfig from the official IMMPrecond's scalars (training/preconds.py); CIFAR defaults where absent.
+    Official names: sigma_data, T, eps (= t_min), f_type, temb_type, noise_schedule, time_scale;
+    the values ('fm' | 'vp_cosine', 'identity' | 'stride', f-types) are spelled as in IMMConfig."""
+    default = IMMConfig()
+
+    def get(key, fallback, kind):
+        v = state.get(key)
+        return kind(v) if isinstance(v, (int, float, str)) and not isinstance(v, bool) else fallback
+    return IMMConfig(sigma_d=get("sigma_data", default.sigma_d, float), T=get("T", default.T, float),
+                     t_min=get("eps", default.t_min, float), f_type=get("f_type", default.f_type, str),
+                     temb=get("temb_type", default.temb, str), schedule=get("noise_schedule", default.schedule, str),
+                     time_scale=get("time_scale", default.time_scale, float))
+
+
+def load_official(path_or_url=OFFICIAL_CIFAR10_URL, cache_dir=None, map_location="cpu"):
+    """(model, cfg) from an official IMM CIFAR-10 checkpoint: IMMModel(DDPMpp()) with the EMA weights,
+    in eval mode. A URL is downloaded once into cache_dir (default ~/.cache/imm)."""
+    path = _download(path_or_url, cache_dir) if "://" in str(path_or_url) else str(path_or_url)
+    expected = (f"expected an official IMM CIFAR-10 checkpoint (a raw pickle of a dict with 'ema', "
+                f"like {OFFICIAL_CIFAR10_URL})")
+    with open(path, "rb") as f:
+        head = f.read(2)
+        if head == b"PK":
+            raise ValueError(f"{path} is a zip archive (torch.save format), not a raw pickle; {expected}")
+        if head[:1] != b"\x80":
+            raise ValueError(f"{path} is not a pickle file; {expected}")
+        f.seek(0)
+        try:
+            data = OfficialUnpickler(f).load()
+        except RefusedGlobalError:
+            raise
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+                RuntimeError) as e:
+            raise ValueError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); {expected}") from e
+    if not isinstance(data, dict) or "ema" not in data:
+        raise ValueError(f"{path} has no 'ema' entry; {expected}")
+    root = data["ema"]
+
+    cfg = _official_config(_module_state(root))
+    model = IMMModel(DDPMpp(), cfg)
+    found, want = _flat_state_dict(root), model.state_dict()
+    missing = [k for k in want if k not in found]
+    wrong = [f"{k} {tuple(found[k].shape)} != {tuple(v.shape)}" for k, v in want.items()
+             if k in found and found[k].shape != v.shape]
+    if missing or wrong:
+        extra = [k for k in found if k not in want]
+        raise ValueError(f"{path} is not an IMM CIFAR-10 DDPM++ checkpoint: {len(missing)} missing keys "
+                         f"{missing[:5]}, {len(wrong)} shape mismatches {wrong[:5]}, {len(extra)} unexpected "
+                         f"keys {extra[:5]}")
+    # Extra keys (e.g. model.map_augment.weight if training fed EDM augment labels) are ignored,
+    # as the official torch_utils/misc.py copy_params_and_buffers(require_all=True) does.
+    model.load_state_dict({k: found[k] for k in want})
+    return model.eval().to(map_location), cfg
+
+
+def decode_images(x):
+    """Float NCHW in about [-1, 1] -> uint8 NHWC, as the official (x * 127.5 + 128).clip(0, 255)
+    cast to uint8. The +128 with truncation rounds half up: x = -1 -> 0, 0 -> 128, 1 -> 255."""
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def save_image_grid(x, path, nrow=None):
+    """Write images x (float NCHW, about [-1, 1]) as one PNG, nrow images per row (default ~square)."""
+    from PIL import Image
+    img = decode_images(x)
+    N, H, W, C = img.shape
+    nrow = nrow or math.ceil(math.sqrt(N))
+    rows = math.ceil(N / nrow)
+    img = torch.cat([img, img.new_zeros(rows * nrow - N, H, W, C)])   # black cells after the last image
+    grid = img.reshape(rows, nrow, H, W, C).transpose(1, 2).reshape(rows * H, nrow * W, C)
+    Image.fromarray(grid.squeeze(-1).numpy() if C == 1 else grid.numpy()).save(path)
+
+
+def sample_images(model, n, steps=2, seed=0, generator=None, device=None, batch=500):
+    """n images (float64 NCHW, about [-1, 1]) from IMMModel(DDPMpp) with the pushforward sampler and
+    CIFAR-10's step lists: 1 step [T, t_min]; 2 steps [T, eta^-1(1.4), t_min] (official CIFAR config). The prior
+    noise comes from `generator` (CPU) if given, else from a new one seeded with `seed`; it is moved
+    to `device` (default: the model's), batch images at a time."""
+    if steps not in (1, 2):
+        raise ValueError(f"sample_images: steps must be 1 or 2 (CIFAR-10's lists), got {steps}; for other "
+                         f"lists call timesteps() and pushforward_sample() directly")
+    cfg, net = model.cfg, model.model
+    device = device or next(model.parameters()).device
+    ts = timesteps(steps, "eta", cfg, mid_eta=(1.4,)[:steps - 1])
+    gen = generator or torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, n, batch):
+        shape = (min(batch, n - i), net.in_channels, net.img_resolution, net.img_resolution)
+        out.append(pushforward_sample(model, prior_sample(shape, cfg, device, gen), ts).cpu())
+    return torch.cat(out)
 
 
 # -----------------------------------------------------------------------------------------------
