@@ -1,4 +1,4 @@
-"""Train the DDPM++ IMM model on CIFAR-10 (paper Table 5, App. I.1; spec 7.1 with the decisions of 0a),
+"""Train the DDPM++ IMM model on CIFAR-10 (paper Table 5, App. I.1; the README says where we differ),
 then look at it (--sample) and measure it (--fid).
 
   python train_cifar.py                                   # one process, GPU or CPU
@@ -485,31 +485,27 @@ def micro_batches(data, draws, lo, batch_gpu, accum, M):
 N_TIME_BINS = 8   # the loss is logged per bin of t, like minRF, to show which times learn
 
 
-def train_step(model, raw_model, ema, opt, batches, cfg, accum, ema_decay, autocast, mark=None, scaler=None,
-               bins=None, loss_fn=imm_loss):
-    """Accumulate the gradient of mean_groups w * MMD^2 over the micro-batches (DDP averages the ranks:
-    equal-sized micro-batches make this the mean over all groups of the global batch), then RAdam and EMA.
-    `mark(phase)`, if given, is called as each phase starts (--bench times the phases with it). `scaler`: fp16's
-    GradScaler. `bins`, if given, a [3, N_TIME_BINS] tensor that accumulates sum w MMD^2, sum MMD^2 and the group
-    count per bin of t. `loss_fn`: imm_loss, or fm_loss for the flow-matching baseline (one time per image)."""
-    mark = mark or (lambda phase: None)
-    loss_sum = torch.zeros((), device=next(raw_model.parameters()).device)
+def train_step(model, raw_model, ema, opt, batches, ema_decay, *, cfg, accum, autocast, scaler=None, loss_fn=imm_loss,
+               bins=None):
+    """One optimiser step: accumulate the gradient of mean_groups w * MMD^2 (Eq. 12) over the micro-batches (DDP
+    averages the ranks: equal-sized micro-batches make this the mean over all groups of the global batch), then RAdam
+    and the EMA. `scaler`: fp16's GradScaler. `loss_fn`: imm_loss, or fm_loss for the flow-matching baseline (one time
+    per image). `bins`, if given, a [3, N_TIME_BINS] tensor that accumulates sum w MMD^2, sum MMD^2 and the group
+    count per bin of t. Returns the mean loss as a device tensor (no host sync)."""
+    loss_sum = 0
     for a, (x, noise, times, labels) in enumerate(batches):
-        sync = a == accum - 1 or not isinstance(model, DDP)
-        with (nullcontext() if sync else model.no_sync()):
-            mark("mmd_and_interpolants")
+        last = a == accum - 1 or not isinstance(model, DDP)
+        with nullcontext() if last else model.no_sync():   # all-reduce the gradient once, after the last micro-batch
             if loss_fn is fm_loss:
                 times = Times(*(v.repeat_interleave(cfg.M) for v in times))
             with autocast:
                 loss, stats = loss_fn(model, x, cfg, times=times, noise=noise, labels=labels)
-            mark("backward")
             (loss / accum if scaler is None else scaler.scale(loss / accum)).backward()
-        loss_sum += loss.detach()
+        loss_sum = loss_sum + loss.detach()
         if bins is not None:
             b = ((stats["t"] - cfg.t_min) / (cfg.T - cfg.t_min) * N_TIME_BINS).long().clamp(0, N_TIME_BINS - 1)
             err = stats["mmd2"] if "mmd2" in stats else stats["mse"]
             bins.index_add_(1, b, torch.stack([stats.get("w", 1) * err, err, torch.ones_like(err)]).to(bins.dtype))
-    mark("optimiser_and_ema")
     if scaler is None:
         opt.step()
     else:
@@ -517,8 +513,12 @@ def train_step(model, raw_model, ema, opt, batches, cfg, accum, ema_decay, autoc
         scaler.update()
     opt.zero_grad(set_to_none=True)
     ema_update(ema, raw_model, ema_decay)
-    mark("end")
     return loss_sum / accum
+
+
+def mfu(flops_img, img_s_per_gpu, peak_flops):
+    """Model FLOPs utilisation: the FLOPs the step needs (flops_per_image) per second, over the GPU's peak."""
+    return flops_img * img_s_per_gpu / peak_flops
 
 
 class WallClockEvent:
@@ -530,12 +530,15 @@ class WallClockEvent:
         return (end.t - self.t) * 1000
 
 
-def phase_times(model, raw_model, ema, opt, batches, cfg, accum, ema_decay, autocast, device, scaler=None):
-    """One train_step with an event at the start of each phase: milliseconds per phase (GPU time on CUDA). Hooks on
-    the outermost module (they run outside torch.compile's graph) mark its two calls inside imm_loss: with
-    gradients (online) or without (target); the time between them and around them is the MMD and interpolants."""
-    cuda = device.type == "cuda"
-    marks = []
+PHASES = ("online_forward", "target_forward", "mmd_and_backward", "optimiser_and_ema", "other")
+
+
+def phase_times(step, model, opt, device):
+    """Milliseconds (GPU time on CUDA) of each phase of one call of step(), marked from outside the step by hooks:
+    the outermost module's forwards (with gradients: online; without: target; the hooks run outside torch.compile's
+    graph) and the optimiser's step. mmd_and_backward runs from the end of the target forward to the next mark;
+    'other' is the rest (draws, augmentation, interpolants)."""
+    cuda, marks = device.type == "cuda", []
 
     def mark(phase):
         event = torch.cuda.Event(enable_timing=True) if cuda else WallClockEvent()
@@ -544,41 +547,43 @@ def phase_times(model, raw_model, ema, opt, batches, cfg, accum, ema_decay, auto
 
     hooks = [model.register_forward_pre_hook(
                  lambda *_: mark("online_forward" if torch.is_grad_enabled() else "target_forward")),
-             model.register_forward_hook(lambda *_: mark("mmd_and_interpolants"))]
+             model.register_forward_hook(lambda *_: mark("other" if torch.is_grad_enabled() else "mmd_and_backward")),
+             opt.register_step_pre_hook(lambda *_: mark("optimiser_and_ema"))]
+    mark("other")
     try:
-        train_step(model, raw_model, ema, opt, batches, cfg, accum, ema_decay, autocast, mark, scaler)
+        step()
     finally:
+        mark("end")
         for hook in hooks:
             hook.remove()
     if cuda:
         torch.cuda.synchronize()
-    ms = {}
+    ms = dict.fromkeys(PHASES, 0.0)
     for (phase, start), (_, end) in zip(marks, marks[1:]):
-        ms[phase] = ms.get(phase, 0.0) + start.elapsed_time(end)
-    return ms
+        ms[phase] += start.elapsed_time(end)
+    return ms, marks[0][1].elapsed_time(marks[-1][1])
 
 
-def bench(model, raw_model, ema, opt, make_batches, cfg, accum, args, flops_img, peak, device, say, autocast,
-          scaler):
-    """--bench: N steps after 5 warm-up steps (compilation, cuDNN autotuning, allocator), timed with a synchronised
-    clock; then the time of each phase of a step (median of 5; GPU time on CUDA) and, on CUDA, the profiler's top
-    kernels."""
+def bench(step, model, opt, n, batch, world, flops_img, peak, device, say):
+    """--bench: n calls of step(i) after 5 warm-up steps (compilation, cuDNN autotuning, allocator), timed with a
+    synchronised clock; host syncs inside one step (CUDA); the time of each phase (median of 5); on CUDA the profiler's
+    top kernels. Returns the numbers it prints."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for i in range(5):
-        train_step(model, raw_model, ema, opt, make_batches(i), cfg, accum, args.ema, autocast, scaler=scaler)
+        step(i)
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    for i in range(args.bench):
-        train_step(model, raw_model, ema, opt, make_batches(i), cfg, accum, args.ema, autocast, scaler=scaler)
+    for i in range(n):
+        step(i)
     sync()
-    ms = (time.perf_counter() - t0) / args.bench * 1000
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    img_s = args.batch / ms * 1000
+    ms = (time.perf_counter() - t0) / n * 1000
+    img_s = batch / ms * 1000
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    out = dict(ms=ms, img_s=img_s, img_s_gpu=img_s / world, mfu=mfu(flops_img, img_s / world, peak), mem_gb=mem)
     say(f"bench: {ms:.1f} ms/step, {img_s:.0f} img/s ({img_s / world:.0f} img/s per process, {world} process(es)) at "
-        f"global batch {args.batch}, mfu {flops_img * img_s / world / peak:.1%}, peak memory {mem:.1f} GB")
+        f"global batch {batch}, mfu {out['mfu']:.1%}, peak memory {mem:.1f} GB")
     if device.type == "cuda":   # a host sync inside the step idles the GPU and stalls DDP's overlap
         syncs = []   # the Python stack (innermost 4 frames) where each one happened
 
@@ -591,23 +596,23 @@ def bench(model, raw_model, ema, opt, make_batches, cfg, accum, args, flops_img,
             warnings.showwarning = record
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                train_step(model, raw_model, ema, opt, make_batches(0), cfg, accum, args.ema, autocast, scaler=scaler)
+                step(0)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
+        out["host_syncs"] = len(syncs)
         say(f"bench: host syncs in one step: {len(syncs)}" + "".join(f"\n  {s}" for s in syncs[:5]))
-    runs = [phase_times(model, raw_model, ema, opt, make_batches(i), cfg, accum, args.ema, autocast, device, scaler)
-            for i in range(5)]
+    runs = [phase_times(lambda: step(i), model, opt, device)[0] for i in range(5)]
+    out["phases_ms"] = {k: sorted(r[k] for r in runs)[2] for k in PHASES}
     say("bench: time per phase of one step (ms, median of 5): " +
-        ", ".join(f"{k} {sorted(r[k] for r in runs)[2]:.1f}" for k in
-                  ("online_forward", "target_forward", "backward", "optimiser_and_ema", "mmd_and_interpolants")))
-    if device.type != "cuda":
-        return
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for i in range(3):
-            train_step(model, raw_model, ema, opt, make_batches(i), cfg, accum, args.ema, autocast, scaler=scaler)
-        sync()
-    say("bench: top kernels over 3 steps\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+        ", ".join(f"{k} {v:.1f}" for k, v in out["phases_ms"].items()))
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(3):
+                step(i)
+            sync()
+        say("bench: top kernels over 3 steps\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+    return out
 
 
 def flops_per_image(net_cfg, cfg):
@@ -1028,14 +1033,52 @@ def compute_fid(fake, real, device):
 # Main: DDP setup -> data -> model and optimiser -> training loop (or evaluation)
 # -----------------------------------------------------------------------------------------------
 
+class Env:
+    """DDP setup from torchrun's RANK / LOCAL_RANK / WORLD_SIZE (a plain `python` run is rank 0 of 1), the device, and
+    what every rank needs to say, stop or download together."""
+
+    def __init__(self, device_opt):
+        self.ddp = int(os.environ.get("RANK", -1)) != -1
+        self.rank, self.local_rank, self.world = ((int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+                                                  if self.ddp else (0, 0, 1))
+        self.cuda = device_opt == "cuda" or (device_opt == "auto" and torch.cuda.is_available())
+        self.device = torch.device(f"cuda:{self.local_rank}" if self.cuda else "cpu")
+        self.master = self.rank == 0
+        if self.cuda:
+            torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = True       # fixed shapes: let cuDNN time its algorithms once per shape
+        if self.ddp:
+            dist.init_process_group(backend="nccl" if self.cuda else "gloo", timeout=datetime.timedelta(minutes=30),
+                                    device_id=self.device if self.cuda else None)
+
+    def say(self, *a, **k):   # rank 0 prints, flushed so that a redirected log shows progress
+        if self.master:
+            print(*a, **{**k, "flush": True})
+
+    def stop(self, message):   # every rank stops with the same clear message
+        self.close()
+        raise SystemExit(message)
+
+    def close(self):
+        if self.ddp and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def rank0_first(self, fn, local=False):
+        """Rank 0 (with local=True: each node's local rank 0) runs fn first, e.g. to download, while the others
+        wait at a barrier; then the others run it. If it fails there, torchrun stops the waiting ranks."""
+        first = (self.local_rank if local else self.rank) == 0
+        if self.ddp and not first:
+            dist.barrier()
+        out = fn()
+        if self.ddp and first:
+            dist.barrier()
+        return out
+
+
 def main(argv=None):
+    # Config: the command line, or a resumed run's checkpoint (which keeps its options; a new run never writes into a
+    # folder that holds one)
     args, given = parse_args(argv)
-
-    # DDP setup: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; a plain `python` run is rank 0 of 1
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
-
-    # A resumed run continues with its checkpoint's options; a new run never writes into a folder that holds one
     ckpt_path = ckpt = None
     overridden = []
     if args.resume and not (args.sample or args.fid):
@@ -1046,68 +1089,16 @@ def main(argv=None):
     elif args.run_dir and not (args.sample or args.fid or args.bench) and run_files(args.run_dir):
         raise SystemExit(f"{args.run_dir} already holds a run ({', '.join(run_files(args.run_dir))}): continue it with "
                          f"--resume {args.run_dir}, or choose a new --run-dir")
+    world = int(os.environ.get("WORLD_SIZE", 1))
     per_rank, batch_gpu = check_args(args, world)
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True       # fixed shapes: let cuDNN time its algorithms once per shape
-    if ddp:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30),
-                                device_id=device if use_cuda else None)
-    master = rank == 0
-    say = (lambda *a, **k: print(*a, **{**k, "flush": True})) if master else (lambda *a, **k: None)   # seen when redirected
 
-    def stop(message):   # every rank stops with the same clear message
-        if ddp:
-            dist.destroy_process_group()
-        raise SystemExit(message)
-
-    def rank0_first(fn, local=False):
-        """Rank 0 (with local=True: each node's local rank 0) runs fn first, e.g. to download, while the others
-        wait at a barrier; then the others run it. If it fails there, torchrun stops the waiting ranks."""
-        first = (local_rank if local else rank) == 0
-        if ddp and not first:
-            dist.barrier()
-        out = fn()
-        if ddp and first:
-            dist.barrier()
-        return out
-
-    # Evaluation modes
+    # DDP
+    env = Env(args.device)
+    device, say = env.device, env.say
     if args.sample or args.fid:
-        if args.fid:  # check everything FID needs before drawing 2 x 50k samples
-            rank0_first(fid_setup, local=True)
-            real = load_dataset(args.data_dir, args.download) if master else None
-        if args.official:
-            model = rank0_first(lambda: official_model(args.official), local=True)
-            out_dir = args.run_dir or "out"
-        else:
-            path = find_checkpoint(args.ckpt or args.resume, args.run_dir) or stop("--resume auto found no checkpoint")
-            model = model_from_checkpoint(load_checkpoint(path))
-            out_dir = args.run_dir or os.path.dirname(path)
-        model = model.to(device).eval()
-        os.makedirs(out_dir, exist_ok=True)
-        if args.sample:
-            if master:
-                for p in save_grids(model, out_dir, "", args.n_grid, device):
-                    print(f"wrote {p}")
-        else:
-            for steps in (1, 2):
-                x = generate_sharded(model, args.fid_n, steps, args.seed, device, args.fid_batch, rank, world)
-                if master:
-                    fid, protocol = compute_fid(x, real, device)
-                    line = f"{steps}-step FID {fid:.3f}  [{protocol}]"
-                    print(line)
-                    with open(os.path.join(out_dir, "fid.txt"), "a") as f:
-                        f.write(line + "\n")
-        if ddp:
-            dist.destroy_process_group()
-        return
-
-    # Run folder (rank 0's clock names a new one) and the checkpoint to resume from
-    stamp = [time.strftime("%Y%m%d-%H%M%S")]
-    if ddp:
+        return evaluate(args, env)
+    stamp = [time.strftime("%Y%m%d-%H%M%S")]   # rank 0's clock names a new run folder
+    if env.ddp:
         dist.broadcast_object_list(stamp, src=0)
     run_dir = args.run_dir or (os.path.dirname(ckpt_path) if ckpt_path else os.path.join("runs", stamp[0]))
 
@@ -1116,26 +1107,29 @@ def main(argv=None):
     method = ckpt["args"].get("loss", "imm") if ckpt else args.loss
     cfg = IMMConfig(**ckpt["imm"]) if ckpt else IMMConfig(M=args.M, k=args.k, min_gap=args.min_gap, temb=args.temb,
                                                           f_type="euler_fm" if method == "fm" else "simple_edm")
-    loss_fn = fm_loss if method == "fm" else imm_loss
     seed = ckpt["args"]["seed"] if ckpt else args.seed
     if batch_gpu % cfg.M:
-        stop(f"the checkpoint's M={cfg.M} does not divide the per-GPU micro-batch {batch_gpu}")
+        env.stop(f"the checkpoint's M={cfg.M} does not divide the per-GPU micro-batch {batch_gpu}")
     if device.type == "cpu":   # eager CPU training keeps every activation: say so before the kernel kills the process
         need, have = activation_bytes_per_image(net_cfg, cfg) * batch_gpu, available_memory_bytes()
         if have and need > have:
             fit = max(cfg.M, int(have / need * batch_gpu) // cfg.M * cfg.M)
-            stop(f"a micro-batch of {batch_gpu} images needs about {need / 2**30:.0f} GB for this network on the CPU, and "
-                 f"{have / 2**30:.0f} GB are available: use a GPU, --batch-gpu {fit} (gradient accumulation), or --tiny")
+            env.stop(f"a micro-batch of {batch_gpu} images needs about {need / 2**30:.0f} GB for this network on the "
+                     f"CPU, and {have / 2**30:.0f} GB are available: use a GPU, --batch-gpu {fit} (gradient "
+                     f"accumulation), or --tiny")
 
-    # Data: rank 0 downloads if needed while the others wait
+    # Data: rank 0 downloads if needed while the others wait; the whole set lives on the device as uint8
     if args.fake_data or args.bench:
-        g = torch.Generator().manual_seed(args.seed)
-        data = torch.randint(0, 256, (2048, 3, 32, 32), dtype=torch.uint8, generator=g)
+        data = torch.randint(0, 256, (2048, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
     else:
-        data = rank0_first(lambda: load_dataset(args.data_dir, args.download), local=True)
+        data = env.rank0_first(lambda: load_dataset(args.data_dir, args.download), local=True)
     data = data.to(device)
 
-    # Model, EMA and optimiser: fp32 master weights; the target pass uses the live weights (spec 0a)
+    def batches_of(step):   # this rank's micro-batches of step `step`: draws identical on every rank (see top)
+        draws = global_batch(step, seed, len(data), args.batch, cfg, args.xflip, device, augment_p=args.augment)
+        return micro_batches(data, draws, env.rank * per_rank, batch_gpu, accum, cfg.M)
+
+    # Model, EMA and optimiser: fp32 master weights; the target pass uses the live weights (Sec. 4.1, stop-gradient)
     torch.manual_seed(seed)
     raw_model = IMMModel(DDPMpp(**net_cfg), cfg).to(device).train()
     ema = copy.deepcopy(raw_model).eval().requires_grad_(False)
@@ -1150,58 +1144,45 @@ def main(argv=None):
             + "".join(f"; {option(k)} {new} (was {old})" for k, old, new in overridden))
     elif args.resume:
         say("--resume auto: no checkpoint yet, starting from scratch")
-    precision = args.precision if use_cuda else "fp32"
+    precision = args.precision if env.cuda else "fp32"
     autocast, scaler = precision_setup(precision, device.type)
     if scaler is not None and ckpt and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    flops_img = flops_per_image(net_cfg, cfg)
-    peak = (args.peak_tflops or {"fp32": 67, "tf32": 494}.get(precision, 989)) * 1e12
-    compile_ = use_cuda if args.compile is None else args.compile
+    compile_ = env.cuda if args.compile is None else args.compile
     channels_last = compile_ if args.channels_last is None else args.channels_last
     if channels_last:
         raw_model.to(memory_format=torch.channels_last)
         ema.to(memory_format=torch.channels_last)
     model = torch.compile(raw_model, mode=args.compile_mode) if compile_ else raw_model
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if use_cuda else None)
-
+    if env.ddp:
+        model = DDP(model, device_ids=[env.local_rank] if env.cuda else None)
     accum, n_params = per_rank // batch_gpu, sum(p.numel() for p in raw_model.parameters())
+    flops_img = flops_per_image(net_cfg, cfg)
+    peak = (args.peak_tflops or {"fp32": 67, "tf32": 494}.get(precision, 989)) * 1e12
     total_steps = min(args.max_steps, math.ceil(args.max_kimg * 1000 / args.batch)) if args.max_kimg else args.max_steps
     say(f"run {run_dir}: {n_params / 1e6:.2f}M params, {world} process(es) on {device.type}, batch {args.batch} = "
         f"{world} x {accum} x {batch_gpu}, loss {method}, {precision}, min gap {cfg.min_gap:g}, temb {cfg.temb}"
-        f"{', compiled' if compile_ else ''}{', channels_last' if channels_last else ''}, {flops_img / 1e9:.2f} GFLOPs/img, "
-        f"{len(data)} images, steps {step} -> {total_steps}")
+        f"{', compiled' if compile_ else ''}{', channels_last' if channels_last else ''}, {flops_img / 1e9:.2f} "
+        f"GFLOPs/img, {len(data)} images, steps {step} -> {total_steps}")
 
-    def checkpoint_state():
-        return dict(step=step, model=raw_model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
-                    scaler=scaler.state_dict() if scaler is not None else None, net=dict(net_cfg), imm=asdict(cfg),
-                    args=dict(vars(args), seed=seed))
+    def train(batches, ema_decay=args.ema, bins=None):   # the step: Eq. 12 over the micro-batches, RAdam, EMA
+        return train_step(model, raw_model, ema, opt, batches, ema_decay, cfg=cfg, accum=accum, autocast=autocast,
+                          scaler=scaler, loss_fn=fm_loss if method == "fm" else imm_loss, bins=bins)
 
     if args.bench:
-        make = lambda i: micro_batches(data, global_batch(i, seed, len(data), args.batch, cfg, args.xflip, device,
-                                                          augment_p=args.augment), rank * per_rank, batch_gpu, accum, cfg.M)
-        bench(model, raw_model, ema, opt, make, cfg, accum, args, flops_img, peak, device, say, autocast, scaler)
-        return
-    fid_every = args.fid_every
-    if fid_every:   # FID during training: skipped with one line, never fatal, when it cannot be computed
-        reason = "--fake-data has no real images to compare with" if args.fake_data else None
-        if reason is None:
-            try:
-                rank0_first(fid_setup, local=True)
-            except SystemExit as e:
-                reason = str(e)
-        ok = torch.tensor(float(reason is None), device=device)
-        if ddp:   # every rank must agree: sampling for FID is collective
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if not ok.item():
-            say(f"--fid-every {fid_every}: skipped, training goes on without it: {reason or 'another rank failed'}")
-            fid_every = 0
-        real = data.cpu() if master and fid_every else None
-    if master:   # a resumed run forgets the log lines written after its checkpoint (e.g. before a kill -9)
+        bench(lambda i: train(batches_of(i)), model, opt, args.bench, args.batch, world, flops_img, peak, device, say)
+        return env.close()
+    fid_every, real = fid_during_training(args, env, data)
+    if env.master:   # a resumed run forgets the log lines written after its checkpoint (e.g. before a kill -9)
         os.makedirs(run_dir, exist_ok=True)
         truncate_log(os.path.join(run_dir, "log.jsonl"), step)
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
+
+    def log(rec):
+        if env.master:
+            with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
 
     # Training loop
     loss_acc, steps_acc, t_last, last_good = torch.zeros((), device=device), 0, time.time(), ckpt_path
@@ -1211,67 +1192,117 @@ def main(argv=None):
         for group in opt.param_groups:
             group["lr"] = lr
         ema_decay = min(args.ema, (1 + step) / (10 + step)) if args.ema_warmup else args.ema
-        torch.manual_seed(step_seed(seed, step, 1 + rank))  # this rank's dropout masks for this step
-        draws = global_batch(step, seed, len(data), args.batch, cfg, args.xflip, device, augment_p=args.augment)
-        batches = micro_batches(data, draws, rank * per_rank, batch_gpu, accum, cfg.M)
-        loss_acc += train_step(model, raw_model, ema, opt, batches, cfg, accum, ema_decay, autocast, scaler=scaler,
-                               bins=bins, loss_fn=loss_fn)
+        torch.manual_seed(step_seed(seed, step, 1 + env.rank))  # this rank's dropout masks for this step
+        loss_acc += train(batches_of(step), ema_decay, bins)
         step, steps_acc = step + 1, steps_acc + 1
 
         is_ckpt = step == total_steps or (args.ckpt_every and step % args.ckpt_every == 0)
         if step % args.log_every == 0 or is_ckpt:  # every check syncs: sum the ranks' losses, test them, log
-            if ddp:
+            if env.ddp:
                 dist.all_reduce(loss_acc)
                 dist.all_reduce(bins)
             loss = loss_acc.item() / (steps_acc * world)
-            per_bin = [[v if n else None for v, n in zip(row, bins[2].tolist())]   # None: no group fell in the bin
-                       for row in (bins[:2] / bins[2].clamp_min(1)).tolist()]
             if not math.isfinite(loss):
-                stop(f"loss is {loss} within steps {step - steps_acc + 1}..{step}: training stopped; "
-                     f"the last good checkpoint is {last_good or 'none (none was written yet)'}")
+                env.stop(f"loss is {loss} within steps {step - steps_acc + 1}..{step}: training stopped; "
+                         f"the last good checkpoint is {last_good or 'none (none was written yet)'}")
             dt, t_last = time.time() - t_last, time.time()
             img_s = steps_acc * args.batch / dt
-            mem = torch.cuda.max_memory_allocated(device) / 2**30 if use_cuda else 0.0
-            edges = [cfg.t_min + (cfg.T - cfg.t_min) * i / N_TIME_BINS for i in range(N_TIME_BINS + 1)]
+            mem = torch.cuda.max_memory_allocated(device) / 2**30 if env.cuda else 0.0
+            per_bin = [[v if n else None for v, n in zip(row, bins[2].tolist())]   # None: no group fell in the bin
+                       for row in (bins[:2] / bins[2].clamp_min(1)).tolist()]
             rec = dict(step=step, kimg=step * args.batch / 1000, loss=loss, lr=lr, ema_decay=ema_decay, img_s=img_s,
-                       img_s_gpu=img_s / world, mfu=flops_img * img_s / world / peak, mem_gb=mem,
-                       eta_h=(total_steps - step) * dt / steps_acc / 3600, t_bin_edges=edges,
+                       img_s_gpu=img_s / world, mfu=mfu(flops_img, img_s / world, peak), mem_gb=mem,
+                       eta_h=(total_steps - step) * dt / steps_acc / 3600,
+                       t_bin_edges=[cfg.t_min + (cfg.T - cfg.t_min) * i / N_TIME_BINS for i in range(N_TIME_BINS + 1)],
                        loss_per_t_bin=per_bin[0], mmd2_per_t_bin=per_bin[1], groups_per_t_bin=bins[2].tolist())
             say(f"step {step} | kimg {rec['kimg']:.1f} | loss {loss:.4e} | w*mmd2 by t "
-                f"[{' '.join('-' if v is None else f'{v:.1e}' for v in per_bin[0])}] | {img_s:.0f} img/s ({img_s / world:.0f}/gpu) | "
-                f"mfu {rec['mfu']:.1%} | mem {mem:.1f} GB | eta {rec['eta_h']:.1f} h")
-            if master:
-                with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                f"[{' '.join('-' if v is None else f'{v:.1e}' for v in per_bin[0])}] | {img_s:.0f} img/s "
+                f"({img_s / world:.0f}/gpu) | mfu {rec['mfu']:.1%} | mem {mem:.1f} GB | eta {rec['eta_h']:.1f} h")
+            log(rec)
             loss_acc, steps_acc = torch.zeros((), device=device), 0
             bins.zero_()
 
         if is_ckpt:  # a finite loss with non-finite weights (an inf gradient) must not overwrite a good file either
             if not all(p.isfinite().all() for p in raw_model.parameters()):   # same on every rank
-                stop(f"weights became non-finite by step {step}: not saved; the last good checkpoint is "
-                     f"{last_good or 'none (none was written yet)'}")
-            if master:
-                save_checkpoint(os.path.join(run_dir, "ckpt.pt"), checkpoint_state())
+                env.stop(f"weights became non-finite by step {step}: not saved; the last good checkpoint is "
+                         f"{last_good or 'none (none was written yet)'}")
+            if env.master:
+                save_checkpoint(os.path.join(run_dir, "ckpt.pt"), dict(
+                    step=step, model=raw_model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
+                    scaler=scaler.state_dict() if scaler is not None else None, net=dict(net_cfg), imm=asdict(cfg),
+                    args=dict(vars(args), seed=seed)))
             last_good = os.path.join(run_dir, "ckpt.pt")
-        if master and args.grid_every and (step % args.grid_every == 0 or step == total_steps):
+
+        # Evaluation during training: grids and sample dumps (rank 0), FID (every rank samples its share)
+        if env.master and args.grid_every and (step % args.grid_every == 0 or step == total_steps):
             save_grids(ema, run_dir, f"_{step:07d}", args.n_grid, device)
-        if master and args.dump_every and step % args.dump_every == 0:
+        if env.master and args.dump_every and step % args.dump_every == 0:
             dump_samples(raw_model, ema, os.path.join(run_dir, f"samples_{step:07d}.npz"), args.dump_n, device)
-        if fid_every and step % fid_every == 0:   # every rank samples its share of the batches
+        if fid_every and step % fid_every == 0:
             rec = dict(step=step)
             for steps in (1, 2):
-                x = generate_sharded(ema, args.fid_every_n, steps, seed, device, args.fid_batch, rank, world)
-                if master:
+                x = generate_sharded(ema, args.fid_every_n, steps, seed, device, args.fid_batch, env.rank, world)
+                if env.master:
                     rec[f"fid_{steps}step"], rec["fid_protocol"] = compute_fid(x, real, device)
-            if master:
-                say(f"step {step} | FID 1 step {rec['fid_1step']:.2f} | 2 steps {rec['fid_2step']:.2f} | "
-                    f"{rec['fid_protocol']}")
-                with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+            say(f"step {step} | FID 1 step {rec.get('fid_1step', 0):.2f} | 2 steps {rec.get('fid_2step', 0):.2f} | "
+                f"{rec.get('fid_protocol')}")
+            log(rec)
 
     say(f"done: {step} steps, checkpoint {last_good}")
-    if ddp:
-        dist.destroy_process_group()
+    env.close()
+
+
+# -----------------------------------------------------------------------------------------------
+# Evaluation: --sample and --fid, and FID during training
+# -----------------------------------------------------------------------------------------------
+
+def evaluate(args, env):
+    """--sample: 1- and 2-step grids; --fid: FID at 1 and 2 steps (every rank samples its share of the batches)."""
+    if args.fid:  # check everything FID needs before drawing 2 x 50k samples
+        env.rank0_first(fid_setup, local=True)
+        real = load_dataset(args.data_dir, args.download) if env.master else None
+    if args.official:
+        model = env.rank0_first(lambda: official_model(args.official), local=True)
+        out_dir = args.run_dir or "out"
+    else:
+        path = find_checkpoint(args.ckpt or args.resume, args.run_dir) or env.stop("--resume auto found no checkpoint")
+        model = model_from_checkpoint(load_checkpoint(path))
+        out_dir = args.run_dir or os.path.dirname(path)
+    model = model.to(env.device).eval()
+    os.makedirs(out_dir, exist_ok=True)
+    if args.sample:
+        if env.master:
+            for p in save_grids(model, out_dir, "", args.n_grid, env.device):
+                print(f"wrote {p}")
+    else:
+        for steps in (1, 2):
+            x = generate_sharded(model, args.fid_n, steps, args.seed, env.device, args.fid_batch, env.rank, env.world)
+            if env.master:
+                fid, protocol = compute_fid(x, real, env.device)
+                line = f"{steps}-step FID {fid:.3f}  [{protocol}]"
+                print(line)
+                with open(os.path.join(out_dir, "fid.txt"), "a") as f:
+                    f.write(line + "\n")
+    env.close()
+
+
+def fid_during_training(args, env, data):
+    """(every, reference images) for --fid-every; (0, None) with one line, never fatal, when FID cannot be had."""
+    if not args.fid_every:
+        return 0, None
+    reason = "--fake-data has no real images to compare with" if args.fake_data else None
+    if reason is None:
+        try:
+            env.rank0_first(fid_setup, local=True)
+        except SystemExit as e:
+            reason = str(e)
+    ok = torch.tensor(float(reason is None), device=env.device)
+    if env.ddp:   # every rank must agree: sampling for FID is collective
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not ok.item():
+        env.say(f"--fid-every {args.fid_every}: skipped, training goes on without it: {reason or 'another rank failed'}")
+        return 0, None
+    return args.fid_every, data.cpu() if env.master else None
 
 
 if __name__ == "__main__":
