@@ -547,8 +547,8 @@ class Conv(nn.Conv2d):
 
 
 class UNetBlock(nn.Module):
-    """DDPM++ residual block (EDM's UNetBlock, official training/unets.py): GroupNorm-SiLU-conv, add the embedding, GroupNorm-SiLU-
-    dropout-conv, skip, scale by 1/sqrt(2); optionally single-head self-attention after it."""
+    """DDPM++ residual block (EDM's UNetBlock, official training/unets.py): GroupNorm-SiLU-conv, add the embedding,
+    GroupNorm-SiLU-dropout-conv, skip, scale by 1/sqrt(2); optionally single-head self-attention after it."""
 
     def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False, attention=False, dropout=0.0):
         super().__init__()
@@ -630,7 +630,8 @@ class DDPMpp(nn.Module):
                 self.dec[f"{res}x{res}_up"] = block(cout, cout, up=True)
             for i in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), model_channels * mult
-                self.dec[f"{res}x{res}_block{i}"] = block(cin, cout, attention=i == num_blocks and res in attn_resolutions)
+                attention = i == num_blocks and res in attn_resolutions
+                self.dec[f"{res}x{res}_block{i}"] = block(cin, cout, attention=attention)
         res = img_resolution
         self.dec[f"{res}x{res}_aux_norm"] = group_norm(cout)
         self.dec[f"{res}x{res}_aux_conv"] = Conv(cout, out_channels, 3, init_scale=1e-5)
@@ -763,7 +764,8 @@ def main(argv=None):
     p = ArgParser(description="IMM vs flow matching on 2D data (CPU, about a minute).")
     p.add_argument("--data", default="checkerboard", choices=["checkerboard", "gaussians"])
     p.add_argument("--steps", type=int_at_least(1), default=2000, help="training steps for each method")
-    p.add_argument("--batch", type=int_at_least(4, multiple_of=4), default=512, help="training batch (a multiple of M=4)")
+    p.add_argument("--batch", type=int_at_least(4, multiple_of=4), default=512,
+                   help="training batch (a multiple of M=4)")
     p.add_argument("--n-eval", type=int_at_least(2), default=10000, help="samples for the sliced Wasserstein distance")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="imm_2d.png", help="where to write the figure")

@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import types
 import urllib.error
 import warnings
@@ -124,7 +123,8 @@ def test_f_coefficients_equal_ddim_applied_to_the_x_prediction(f_type, schedule)
     s, t = torch.tensor([0.1, 0.3, 0.0]), torch.tensor([0.5, 0.9, 0.7])
     s, t = s.double(), t.double()
     alpha, sigma = imm.alpha_sigma(t, schedule)
-    g_skip, g_out = {"simple_edm": (alpha / (alpha ** 2 + sigma ** 2), -cfg.sigma_d * sigma / (alpha ** 2 + sigma ** 2).sqrt()),
+    norm = alpha ** 2 + sigma ** 2
+    g_skip, g_out = {"simple_edm": (alpha / norm, -cfg.sigma_d * sigma / norm.sqrt()),
                      "euler_fm": (torch.ones_like(t), -t * cfg.sigma_d),
                      "identity": (torch.zeros_like(t), torch.ones_like(t))}[f_type]
     x_t, G = torch.randn(3, 1, dtype=torch.float64), torch.randn(3, 1, dtype=torch.float64)
@@ -179,7 +179,8 @@ def test_config_rejects_impossible_options():
 
 # ----------------------------------------------------------------------------- times and r(s,t)
 
-@pytest.mark.parametrize("cfg", [IMMConfig(), IMMConfig(schedule="vp_cosine", T=0.996), IMMConfig.toy(), IMMConfig(k=12, t_min=0.0)])
+@pytest.mark.parametrize("cfg", [IMMConfig(), IMMConfig(schedule="vp_cosine", T=0.996), IMMConfig.toy(),
+                                 IMMConfig(k=12, t_min=0.0)])
 def test_sampled_times_are_ordered_and_r_is_strictly_below_t(cfg):
     times = imm.sample_times(20000, cfg, generator=torch.Generator().manual_seed(0))
     t, r, s = times
@@ -228,8 +229,9 @@ def test_timestep_lists_match_the_official_configs():
     torch.testing.assert_close(imm.timesteps(2, "eta", cifar, mid_eta=(1.4,)),
                                torch.tensor([0.994, 1.4 / 2.4, 0.006], dtype=torch.float64))
     zero = IMMConfig(t_min=0.0)
-    torch.testing.assert_close(imm.timesteps(4, "uniform", zero), torch.tensor([0.994, 0.7455, 0.497, 0.2485, 0.0], dtype=torch.float64))
-    torch.testing.assert_close(imm.timesteps(4, "edm", zero), torch.tensor([0.994, 0.95674, 0.56413, 0.01001, 0.0], dtype=torch.float64),
+    f64 = lambda v: torch.tensor(v, dtype=torch.float64)   # noqa: E731
+    torch.testing.assert_close(imm.timesteps(4, "uniform", zero), f64([0.994, 0.7455, 0.497, 0.2485, 0.0]))
+    torch.testing.assert_close(imm.timesteps(4, "edm", zero), f64([0.994, 0.95674, 0.56413, 0.01001, 0.0]),
                                rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="mid_eta"):
         imm.timesteps(3, "eta", cifar, mid_eta=(1.4,))
@@ -242,7 +244,8 @@ def test_weighting_matches_the_reference_table():
     a1b5 = [0.9072, 6.4385, 7.8893, 6.0341, 3.9732, 2.1317, 1.3549, 1.0305, 1.0182]
     a2b4 = [0.3329, 2.7581, 4.4193, 4.1207, 1.9640, 0.5323, 0.1355, 0.0103, 0.0061]
     torch.testing.assert_close(imm.weight(t, IMMConfig()), torch.tensor(a1b5, dtype=torch.float64), rtol=0, atol=6e-5)
-    torch.testing.assert_close(imm.weight(t, IMMConfig(a=2, b=4)), torch.tensor(a2b4, dtype=torch.float64), rtol=0, atol=6e-5)
+    torch.testing.assert_close(imm.weight(t, IMMConfig(a=2, b=4)), torch.tensor(a2b4, dtype=torch.float64),
+                               rtol=0, atol=6e-5)
     dense = imm.weight(torch.linspace(0.006, 0.994, 999, dtype=torch.float64), IMMConfig())
     assert torch.all(torch.isfinite(dense)) and torch.all(dense > 0)
 
@@ -275,7 +278,8 @@ def test_mmd_is_zero_for_identical_sets_and_positive_otherwise(kernel):
 
 def test_mmd_is_invariant_to_permuting_particles_and_groups():
     cfg = IMMConfig()
-    y_t, y_r, w = torch.randn(8, 4, 12, dtype=torch.float64), torch.randn(8, 4, 12, dtype=torch.float64), torch.rand(8, dtype=torch.float64) * 20
+    y_t, y_r = torch.randn(8, 4, 12, dtype=torch.float64), torch.randn(8, 4, 12, dtype=torch.float64)
+    w = torch.rand(8, dtype=torch.float64) * 20
     base = imm.mmd_squared(y_t, y_r, w, cfg)
     torch.testing.assert_close(imm.mmd_squared(y_t[:, torch.randperm(4)], y_r[:, torch.randperm(4)], w, cfg), base)
     p = torch.randperm(8)
@@ -501,7 +505,8 @@ def test_the_demo_runs_from_the_command_line(tmp_path):
     lines = res.stdout.splitlines()   # progress while each method trains, then its summary
     assert lines[0].startswith("  IMM step 20/20 (") and lines[1].startswith("trained IMM for 20 steps")
     assert lines[2].startswith("  FM step 20/20 (") and lines[3].startswith("trained  FM for 20 steps")
-    help_text = subprocess.run([sys.executable, os.path.join(HERE, "imm.py"), "--help"], capture_output=True, text=True).stdout
+    help_text = subprocess.run([sys.executable, os.path.join(HERE, "imm.py"), "--help"], capture_output=True,
+                               text=True).stdout
     for option in ("--steps", "--seed", "--out", "--data"):
         assert option in help_text
 
@@ -622,7 +627,8 @@ def test_cifar_network_has_the_official_keys_shapes_and_parameter_count(fresh_ne
     assert len(expected) == 428
     assert {k: tuple(v.shape) for k, v in sd.items()} == expected
     assert sum(p.numel() for p in model.parameters()) == 56_061_443
-    assert sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.map_layer") and "_s." in n) == 328_704
+    s_mlp = (p.numel() for n, p in model.named_parameters() if n.startswith("model.map_layer") and "_s." in n)
+    assert sum(s_mlp) == 328_704
     buffers = dict(model.named_buffers())
     assert len(buffers) == 8 and all(k.endswith("resample_filter") for k in buffers)
     assert all(torch.equal(b, torch.full((1, 1, 2, 2), 0.25)) for b in buffers.values())
@@ -713,7 +719,8 @@ def test_tiny_network_matches_the_official_songunet():
     net = tiny_net()
     with torch.no_grad():
         for k, (name, p) in enumerate(net.named_parameters()):
-            w = torch.sin(0.37 * torch.arange(p.numel(), dtype=torch.float64) + k) / math.sqrt(p[0].numel() if p.ndim > 1 else 10)
+            fan_in = p[0].numel() if p.ndim > 1 else 10
+            w = torch.sin(0.37 * torch.arange(p.numel(), dtype=torch.float64) + k) / math.sqrt(fan_in)
             p.copy_(w.reshape(p.shape) + (1 if "norm" in name and name.endswith("weight") else 0))
     x = (0.8 * torch.sin(torch.arange(2 * 3 * 8 * 8, dtype=torch.float32) * 0.7)).reshape(2, 3, 8, 8)
     c_t, c_s = torch.tensor([994.0, 250.0], dtype=torch.float64), torch.tensor([6.0, 100.0], dtype=torch.float64)
@@ -734,8 +741,8 @@ def test_embedding_is_silu_of_the_sum_of_two_float64_mlps():
     def mlp(pe, l0, l1):
         h = F.silu(pe @ l0.weight.double().T + l0.bias.double())
         return h @ l1.weight.double().T + l1.bias.double()
-    pe = lambda c: torch.cat([torch.sin(c[:, None] * 1e-4 ** (torch.arange(8.0, dtype=torch.float64) / 7)),  # noqa: E731
-                              torch.cos(c[:, None] * 1e-4 ** (torch.arange(8.0, dtype=torch.float64) / 7))], 1)
+    freqs = 1e-4 ** (torch.arange(8.0, dtype=torch.float64) / 7)
+    pe = lambda c: torch.cat([torch.sin(c[:, None] * freqs), torch.cos(c[:, None] * freqs)], 1)   # noqa: E731
     ref = F.silu(mlp(pe(t), net.map_layer0, net.map_layer1) + mlp(pe(s), net.map_layer0_s, net.map_layer1_s))
     torch.testing.assert_close(emb, ref, rtol=1e-12, atol=1e-12)
     # float64 keeps t and r = t - 1.8e-7 (App. C.6, k = 15; scaled by 1000) apart; float32 could not
@@ -750,7 +757,8 @@ def test_unet_block_matches_edms_formula_with_explicit_attention():
         out = block(x, emb)
         N, C, H, W = 2, 64, 8, 8
         h = block.conv0(F.silu(block.norm0(x)))
-        h = F.silu(block.norm1(h + (emb @ block.affine.weight.double().T + block.affine.bias.double()).float()[:, :, None, None]))
+        affine = emb @ block.affine.weight.double().T + block.affine.bias.double()
+        h = F.silu(block.norm1(h + affine.float()[:, :, None, None]))
         h = (block.conv1(h) + block.skip(x)) / math.sqrt(2)
         qkv = block.qkv(block.norm2(h)).reshape(N, C, 3, H * W)     # channel c of q is qkv channel 3c
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -766,10 +774,10 @@ def test_resampling_equals_edms_depthwise_convolutions_with_the_stored_filter():
     down, up = imm.Conv(5, 7, 3, down=True).double(), imm.Conv(5, 7, 1, up=True).double()
     f = down.resample_filter.tile(5, 1, 1, 1)
     with torch.no_grad():
-        torch.testing.assert_close(down(x), F.conv2d(F.conv2d(x, f, stride=2, groups=5), down.weight, down.bias, padding=1),
-                                   rtol=1e-13, atol=1e-13)
-        torch.testing.assert_close(up(x), F.conv2d(F.conv_transpose2d(x, 4 * f, stride=2, groups=5), up.weight, up.bias),
-                                   rtol=1e-13, atol=1e-13)
+        want = F.conv2d(F.conv2d(x, f, stride=2, groups=5), down.weight, down.bias, padding=1)
+        torch.testing.assert_close(down(x), want, rtol=1e-13, atol=1e-13)
+        want = F.conv2d(F.conv_transpose2d(x, 4 * f, stride=2, groups=5), up.weight, up.bias)
+        torch.testing.assert_close(up(x), want, rtol=1e-13, atol=1e-13)
     assert down(x).shape == (2, 7, 4, 4) and up(x).shape == (2, 7, 16, 16)
 
 
@@ -868,7 +876,8 @@ class OfficialPickler(pickle.Pickler):
         if isinstance(obj, imm.UNetBlock):
             state["skip_scale"] = np.float64(np.sqrt(0.5))
         name = type(obj).__name__
-        meta = dict(type="class", version=6, module_src=self.src, class_name=OFFICIAL_NAMES.get(name, name), state=state)
+        meta = dict(type="class", version=6, module_src=self.src, class_name=OFFICIAL_NAMES.get(name, name),
+                    state=state)
         return self.reconstruct, (meta,)
 
 
@@ -1009,7 +1018,8 @@ def test_truncated_or_non_pickle_files_give_clear_errors(tmp_path):
     cases["zip.pt"] = zipped.getvalue()
     for name, content in cases.items():
         (tmp_path / name).write_bytes(content)
-        msg = "zip archive" if name == "zip.pt" else "not a pickle" if name in ("random.pt", "empty.pt") else "truncated or corrupt"
+        msg = ("zip archive" if name == "zip.pt" else "not a pickle" if name in ("random.pt", "empty.pt")
+               else "truncated or corrupt")
         with pytest.raises(ValueError, match=msg) as err:
             train_cifar.load_official(tmp_path / name)
         assert "expected an official IMM CIFAR-10 checkpoint" in str(err.value), name
@@ -1625,7 +1635,8 @@ def test_tiny_preset_applies_unless_options_are_given():
     assert given == {"tiny": True, "channels": 48}
 
 def test_the_readme_cpu_smoke_run_trains_and_writes_a_checkpoint_and_grids(tmp_path):
-    line = next(l for l in Path(HERE, "README.md").read_text().splitlines() if l.startswith("python train_cifar.py --tiny"))
+    readme = Path(HERE, "README.md").read_text().splitlines()
+    line = next(line for line in readme if line.startswith("python train_cifar.py --tiny"))
     argv = line.split("#")[0].split()[2:]
     argv[argv.index("--max-steps") + 1] = "2"   # the README's 20 steps take ~25 s on 2 cores; 2 show the same path
     train_cifar.main(argv + ["--run-dir", str(tmp_path), "--grid-every", "2", "--n-grid", "4"])

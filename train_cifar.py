@@ -6,7 +6,8 @@ then look at it (--sample) and measure it (--fid).
   python train_cifar.py --sample --ckpt runs/X/ckpt.pt    # 1- and 2-step grids of the EMA model
   torchrun --nproc_per_node=8 train_cifar.py --fid --official   # FID-50k of the released checkpoint
 
-Randomness: every random choice of step n (data indices, flips and augmentations, times, noise) is drawn from a generator
+Randomness: every random choice of step n (data indices, flips and augmentations, times, noise) is drawn from a
+generator
 seeded by (seed, n), identically on every rank, and each rank takes its slice of the global batch. So a
 checkpoint needs no RNG state, resuming is exact, and 1 or N GPUs with the same global batch optimise the
 same loss up to float rounding. Dropout masks are seeded by (seed, n, rank): with dropout > 0, runs on
@@ -138,9 +139,11 @@ def get_parser():
     a("--tiny", action="store_true", help="a tiny network and batch for a CPU smoke run: " +
       " ".join(f"--{k.replace('_', '-')} {v}" for k, v in TINY_PRESET.items()) + " (explicit options win)")
     a("--channels", type=pos, default=128, help="DDPM++ base channels (model_channels)")
-    a("--channel-mult", type=int_list(False), default="2,2,2", help="channel multiplier per resolution, comma separated")
+    a("--channel-mult", type=int_list(False), default="2,2,2",
+      help="channel multiplier per resolution, comma separated")
     a("--num-blocks", type=pos, default=4, help="residual blocks per resolution")
-    a("--attn", type=int_list(True), default="16", help="resolutions with self-attention, comma separated ('' for none)")
+    a("--attn", type=int_list(True), default="16",
+      help="resolutions with self-attention, comma separated ('' for none)")
     a("--dropout", type=float_in(0, 1), default=0.2, help="dropout inside the residual blocks")
     # IMM (other settings are imm.IMMConfig's CIFAR defaults)
     a("--loss", choices=["imm", "fm"], default="imm",
@@ -158,11 +161,13 @@ def get_parser():
     a("--lr", type=float_in(0, 1), default=1e-4, help="RAdam learning rate (constant after warmup)")
     a("--warmup-kimg", type=float_in(0, math.inf), default=0,
       help="linear LR warmup over this many thousand images (0 = none)")
-    a("--ema", type=float_in(0, 1), default=0.9999, help="EMA decay per optimiser step (the EMA is used for samples only)")
+    a("--ema", type=float_in(0, 1), default=0.9999,
+      help="EMA decay per optimiser step (the EMA is used for samples only)")
     a("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
       help="EMA decay min(--ema, (1 + n) / (10 + n)) at step n, so short runs have a useful EMA")
     a("--max-steps", type=pos, default=400_000, help="stop after this many optimiser steps")
-    a("--max-kimg", type=float_in(0, math.inf), default=0, help="also stop after this many thousand images (0 = no limit)")
+    a("--max-kimg", type=float_in(0, math.inf), default=0,
+      help="also stop after this many thousand images (0 = no limit)")
     a("--precision", choices=list(PRECISIONS), default=DEFAULT_PRECISION,
       help="network arithmetic, fp32 master weights always: fp32 (strict), tf32 (fp32 with TF32 tensor cores, the "
            "paper's), bf16 or fp16 autocast (fp16 with loss scaling). CPU: always fp32")
@@ -240,7 +245,8 @@ def resumed_options(args, given, ckpt):
     fixed = [k for k in ("channels", "channel_mult", "num_blocks", "attn", "dropout", "augment") if k in given
              and net_kwargs(merged) != {"augment_dim": 0, **ckpt["net"]}]
     fixed += [k for k in ("M", "k", "min_gap", "temb") if k in given and given[k] != ckpt["imm"][k]]
-    fixed += [k for k, old in (("loss", saved.get("loss", "imm")), ("seed", saved["seed"])) if k in given and given[k] != old]
+    fixed += [k for k, old in (("loss", saved.get("loss", "imm")), ("seed", saved["seed"]))
+              if k in given and given[k] != old]
     if fixed:
         names = ", ".join(f"{option(k)} {given[k]}" for k in fixed)
         raise SystemExit(f"cannot resume with {names}: a resumed run keeps its network, method and seed; start a new "
@@ -387,7 +393,7 @@ def load_dataset(data_dir, download=True):
 # setting (augment.py with xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1). Each transform is
 # applied to an image with probability p, the x-flip to every image with probability 1/2, and the network sees the 9
 # numbers that describe what was done. It samples with zeros, i.e. un-augmented images: the augmentations do not leak.
-AUGMENT_DIM = 9   # x-flip, y-flip, log2 scale / 0.2, rotation (cos - 1, sin), anisotropy (w cos r, w sin r), translation
+AUGMENT_DIM = 9   # x-flip, y-flip, log2 scale / 0.2, rotation (cos - 1, sin), anisotropy (w cos r, w sin r), shift
 
 
 def augment_params(n, p, g):
@@ -1010,7 +1016,8 @@ def fid_statistics(images, device, batch=250):
     from torch_fidelity.metric_fid import fid_features_to_statistics
     extract = fid_feature_extractor(device)
     with torch.no_grad():
-        feats = torch.cat([extract(images[i:i + batch].to(device)).double().cpu() for i in range(0, len(images), batch)])
+        feats = torch.cat([extract(images[i:i + batch].to(device)).double().cpu()
+                           for i in range(0, len(images), batch)])
     return fid_features_to_statistics(feats)
 
 
@@ -1120,7 +1127,8 @@ def main(argv=None):
 
     # Data: rank 0 downloads if needed while the others wait; the whole set lives on the device as uint8
     if args.fake_data or args.bench:
-        data = torch.randint(0, 256, (2048, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+        g = torch.Generator().manual_seed(seed)
+        data = torch.randint(0, 256, (2048, 3, 32, 32), dtype=torch.uint8, generator=g)
     else:
         data = env.rank0_first(lambda: load_dataset(args.data_dir, args.download), local=True)
     data = data.to(device)
@@ -1300,7 +1308,8 @@ def fid_during_training(args, env, data):
     if env.ddp:   # every rank must agree: sampling for FID is collective
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if not ok.item():
-        env.say(f"--fid-every {args.fid_every}: skipped, training goes on without it: {reason or 'another rank failed'}")
+        env.say(f"--fid-every {args.fid_every}: skipped, training goes on without it: "
+                f"{reason or 'another rank failed'}")
         return 0, None
     return args.fid_every, data.cpu() if env.master else None
 
