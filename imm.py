@@ -150,7 +150,14 @@ def c_in(t, cfg):
 
 
 def f_coefficients(*, s, t, cfg):
-    """(c_skip(s,t), c_out(s,t)) of f_{s,t} for cfg.f_type. Both give f_{t,t}(x) = x exactly."""
+    """(c_skip(s,t), c_out(s,t)) of f_{s,t}(x_t) = c_skip x_t + c_out G for cfg.f_type (App. C.5): DDIM (Eq. 11)
+    applied to the network's x-prediction g = c_skip(t) x_t + c_out(t) G. In closed form:
+      simple_edm: c_skip = (alpha_t alpha_s + sigma_t sigma_s) / (alpha_t^2 + sigma_t^2),
+                  c_out = -(alpha_s sigma_t - alpha_t sigma_s) sigma_d / sqrt(alpha_t^2 + sigma_t^2)
+                  (OT-FM: c_out = -(t - s) sigma_d / sqrt((1 - t)^2 + t^2))
+      euler_fm:   c_skip = 1, c_out = -(t - s) sigma_d            (one Euler step of the velocity sigma_d G)
+      identity:   c_skip = sigma_s / sigma_t, c_out = alpha_s - (sigma_s / sigma_t) alpha_t    (g = G)
+    Every f-type has c_skip(t,t) = 1 and c_out(t,t) = 0, so f_{t,t}(x) = x exactly."""
     alpha_t, sigma_t = alpha_sigma(t, cfg.schedule)
     alpha_s, sigma_s = alpha_sigma(s, cfg.schedule)
     if cfg.f_type == "simple_edm":    # g = x-prediction with EDM-style skip, then DDIM to s

@@ -5,6 +5,7 @@ import builtins
 import contextlib
 import copy
 import importlib
+import inspect
 import io
 import json
 import math
@@ -35,6 +36,10 @@ import train_cifar
 from imm import IMMConfig, IMMModel
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tests that start processes or run the notebook are marked slow: `python -m pytest -q -m "not slow"` skips them for a
+# quick check; CI runs everything. (The marker is this file's own; the filter keeps pytest from warning about it.)
+warnings.filterwarnings("ignore", "Unknown pytest.mark.slow", pytest.PytestUnknownMarkWarning)
+slow = pytest.mark.slow
 SCHEDULES = ("fm", "vp_cosine")
 F_TYPES = (("simple_edm", "fm"), ("simple_edm", "vp_cosine"), ("identity", "fm"),
            ("identity", "vp_cosine"), ("euler_fm", "fm"))
@@ -496,6 +501,7 @@ def test_a_tiny_2d_run_makes_two_step_imm_beat_two_step_flow_matching():
     assert dist["imm"] < 0.5 * dist["fm"], dist
 
 
+@slow
 def test_the_demo_runs_from_the_command_line(tmp_path):
     out = tmp_path / "demo.png"
     res = subprocess.run([sys.executable, os.path.join(HERE, "imm.py"), "--steps", "20", "--n-eval", "400",
@@ -1140,6 +1146,7 @@ def load_ckpt(path):
 # DDP: two gloo processes optimise exactly what one process with the same global batch does
 # ---------------------------------------------------------------------------------------------
 
+@slow
 def test_two_process_ddp_matches_one_process_with_accumulation(tmp_path):
     common = ["--dropout", "0", "--max-steps", "3"]   # dropout masks are per rank, so switch them off
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SCRIPT_DIR))
@@ -1612,6 +1619,7 @@ def test_benchmarks_write_no_run_folder(tmp_path, monkeypatch, capsys):
     assert "bench:" in capsys.readouterr().out and os.listdir(tmp_path) == []
 
 
+@slow
 def test_console_lines_reach_a_pipe_as_they_are_printed(tmp_path):
     cmd = [sys.executable, str(SCRIPT_DIR / "train_cifar.py"), *TINY_NET, "--fake-data", "--run-dir",
            str(tmp_path / "r"), "--max-steps", "100000"]
@@ -1895,6 +1903,16 @@ def test_target_difference_survives_each_precision_mode(precision_errors, mode):
     assert max(errors.values()) < DIRECTION_BOUND, errors
 
 
+def test_the_readmes_code_map_points_at_the_right_lines_of_imm_py():
+    rows = re.findall(r"`([\w.]+)`, line (\d+) \|", Path(HERE, "README.md").read_text())
+    assert len(rows) >= 15
+    for name, line in rows:
+        obj = imm
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        assert inspect.getsourcelines(obj)[1] == int(line), f"README: {name} is at line {line}, imm.py says otherwise"
+
+
 # ============================================================================= toy_2d.ipynb
 
 REPO = HERE
@@ -1908,6 +1926,7 @@ def _summary_row(text, name):
     return [float(v) for v in m.groups()]
 
 
+@slow
 def test_notebook_runs_top_to_bottom_in_fast_mode_and_imm_beats_flow_matching_at_two_steps(tmp_path, monkeypatch):
     path = tmp_path / "toy_2d.ipynb"
     shutil.copy(NOTEBOOK, path)                  # never touch the committed outputs
