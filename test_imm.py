@@ -1169,6 +1169,53 @@ def test_two_process_ddp_matches_one_process_with_accumulation(tmp_path):
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-7)
 
 
+def torchrun(tmp_path, run_dir, *args, nnodes=1, node_rank=0, port=None):
+    """A torchrun command line for train_cifar.py on the tiny network (gloo on the CPU)."""
+    launch = (["--nproc_per_node=2", "--standalone"] if nnodes == 1 else
+              ["--nproc_per_node=1", f"--nnodes={nnodes}", f"--node_rank={node_rank}", "--rdzv_backend=c10d",
+               f"--rdzv_endpoint=127.0.0.1:{port}"])
+    return [sys.executable, "-m", "torch.distributed.run", *launch, str(SCRIPT_DIR / "train_cifar.py"), *TINY_NET,
+            "--fake-data", "--dropout", "0", "--run-dir", str(tmp_path / run_dir), *args]
+
+
+def assert_same_training(a_dir, b_dir):
+    a, b = read_log(a_dir), read_log(b_dir)
+    np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-5)
+    ca, cb = load_ckpt(a_dir / "ckpt.pt"), load_ckpt(b_dir / "ckpt.pt")
+    assert ca["step"] == cb["step"]
+    for k in ca["model"]:
+        torch.testing.assert_close(ca["model"][k], cb["model"][k], rtol=1e-5, atol=1e-7)
+
+
+@slow
+def test_compiled_ddp_with_bucketed_graphs_matches_one_compiled_process(tmp_path):
+    """--compile-ddp compiles the DDP-wrapped model (DDPOptimizer cuts the graph at the gradient buckets so that the
+    all-reduce can overlap the backward); it must optimise what one process with accumulation does."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SCRIPT_DIR))
+    common = ["--max-steps", "3", "--compile", "--augment", "0"]
+    proc = subprocess.run(torchrun(tmp_path, "ddp", *common, "--compile-ddp"), env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout and "compiled" in proc.stdout
+    train_tiny(tmp_path / "one", *common, "--batch-gpu", "4")
+    assert_same_training(tmp_path / "ddp", tmp_path / "one")
+
+
+@slow
+def test_two_nodes_over_the_loopback_rendezvous_match_one_process(tmp_path):
+    """The README's multi-node command, with both 'nodes' on this machine: torchrun --nnodes=2 and a c10d rendezvous."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SCRIPT_DIR))
+    port = 29_400 + os.getpid() % 500
+    procs = [subprocess.Popen(torchrun(tmp_path, "nodes", "--max-steps", "3", nnodes=2, node_rank=n, port=port),
+                              env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for n in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert "2 process(es)" in outs[0]
+    train_tiny(tmp_path / "one", "--max-steps", "3", "--dropout", "0", "--batch-gpu", "4")
+    assert_same_training(tmp_path / "nodes", tmp_path / "one")
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: resuming gives the losses of an uninterrupted run
 # ---------------------------------------------------------------------------------------------

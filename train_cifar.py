@@ -109,7 +109,8 @@ def int_list(allow_empty):
 TINY_PRESET = dict(channels=32, channel_mult="1,2", num_blocks=1, attn="16", batch=32, n_grid=16, ckpt_every=100,
                    grid_every=100, log_every=10)
 # options that describe how this process runs, not the run itself: a resumed run takes them from the command line
-RUNTIME_OPTIONS = {"sample", "fid", "resume", "run_dir", "device", "compile", "compile_mode", "channels_last", "bench",
+RUNTIME_OPTIONS = {"sample", "fid", "resume", "run_dir", "device", "compile", "compile_mode", "compile_ddp",
+                   "channels_last", "bench",
                    "ckpt", "official", "fid_n", "fid_batch", "download"}
 
 
@@ -175,6 +176,9 @@ def get_parser():
       help="torch.compile the model (default: on with CUDA, off on CPU; the first steps then take ~3 min)")
     a("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune",
                                                      "max-autotune-no-cudagraphs"], help="torch.compile mode")
+    a("--compile-ddp", action=argparse.BooleanOptionalAction, default=False,
+      help="with DDP, compile the DDP-wrapped model, so that DDPOptimizer splits the graph at the gradient buckets "
+           "and the all-reduce can overlap the backward (off until measured on several GPUs)")
     a("--channels-last", action=argparse.BooleanOptionalAction, default=None,
       help="NHWC memory layout: no layout transposes around cuDNN's convolutions (default: on when compiling; "
            "eager mode is slower with it)")
@@ -498,10 +502,10 @@ def train_step(model, raw_model, ema, opt, batches, ema_decay, *, cfg, accum, au
     and the EMA. `scaler`: fp16's GradScaler. `loss_fn`: imm_loss, or fm_loss for the flow-matching baseline (one time
     per image). `bins`, if given, a [3, N_TIME_BINS] tensor that accumulates sum w MMD^2, sum MMD^2 and the group
     count per bin of t. Returns the mean loss as a device tensor (no host sync)."""
-    loss_sum = 0
+    loss_sum, ddp = 0, getattr(model, "_orig_mod", model)   # DDP itself, also when it is compiled (--compile-ddp)
     for a, (x, noise, times, labels) in enumerate(batches):
-        last = a == accum - 1 or not isinstance(model, DDP)
-        with nullcontext() if last else model.no_sync():   # all-reduce the gradient once, after the last micro-batch
+        last = a == accum - 1 or not isinstance(ddp, DDP)
+        with nullcontext() if last else ddp.no_sync():   # all-reduce the gradient once, after the last micro-batch
             if loss_fn is fm_loss:
                 times = Times(*(v.repeat_interleave(cfg.M) for v in times))
             with autocast:
@@ -1161,9 +1165,12 @@ def main(argv=None):
     if channels_last:
         raw_model.to(memory_format=torch.channels_last)
         ema.to(memory_format=torch.channels_last)
-    model = torch.compile(raw_model, mode=args.compile_mode) if compile_ else raw_model
-    if env.ddp:
-        model = DDP(model, device_ids=[env.local_rank] if env.cuda else None)
+    ddp_args = dict(device_ids=[env.local_rank] if env.cuda else None)
+    if env.ddp and compile_ and args.compile_ddp:   # compiled around DDP: the graph is cut at the gradient buckets
+        model = torch.compile(DDP(raw_model, **ddp_args), mode=args.compile_mode)
+    else:                                           # DDP around the compiled model: all-reduce after the backward
+        model = torch.compile(raw_model, mode=args.compile_mode) if compile_ else raw_model
+        model = DDP(model, **ddp_args) if env.ddp else model
     accum, n_params = per_rank // batch_gpu, sum(p.numel() for p in raw_model.parameters())
     flops_img = flops_per_image(net_cfg, cfg)
     peak = (args.peak_tflops or {"fp32": 67, "tf32": 494}.get(precision, 989)) * 1e12
