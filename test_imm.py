@@ -1352,7 +1352,8 @@ def test_flow_matching_baseline_trains_through_the_same_script_and_samples_with_
     # at init sigma_d G ~ 0, so the regression loss is E|noise - x|^2 per element: about sigma_d^2 + E x^2 = 0.25 + 1/3
     assert read_log(tmp_path)[0]["loss"] == pytest.approx(0.25 + 1 / 3, rel=0.1)
     cfg = IMMConfig(**ckpt["imm"])
-    torch.testing.assert_close(train_cifar.cifar_timesteps(4, cfg), torch.linspace(0.994, 0.006, 5, dtype=torch.float64))
+    euler = torch.linspace(0.994, 0.006, 5, dtype=torch.float64)
+    torch.testing.assert_close(train_cifar.cifar_timesteps(4, cfg), euler)
     assert (tmp_path / "samples_0000001_ema0.9999_2step.png").exists()
 
 

@@ -50,12 +50,9 @@ from imm import (ArgParser, DDPMpp, IMMConfig, IMMModel, Times, ema_update, fm_l
 OFFICIAL_CIFAR10_URL = "https://huggingface.co/lumaai/imm/resolve/main/cifar10.pt"   # the released EMA model
 CIFAR = IMMConfig.cifar()
 
-# Precision policy (README "Precision"). The target y_r = f_{s,r}(x_r) differs from the online y_t = f_{s,t}(x_t)
-# only through t - r, which near T is ~2e-7 (App. C.6, k = 15), and the Laplace kernel's gradient is the unit vector
-# along y_r - y_t, so that difference must leave the network with its direction intact. Relative error of y_t - y_r
-# against float64 (H200, compiled): bf16 2.2 at t = 0.9 and 600 at T; TF32 (the paper's) 0.75 at 0.95 and 42 at T;
-# with the minimum gap of App. I.6, t - r >= 1e-3, bf16 stays at or below 0.11 for every t. On real images bf16 without
-# a gap did not learn the 1-step map in 3,000 (small net) or 5,000 (full) steps; with the 1e-3 gap it matched TF32.
+# Precision (README "Precision"): y_r differs from y_t only through t - r (~2e-7 near T, App. C.6) and the Laplace
+# kernel's gradient is the unit vector along y_r - y_t, so the network must deliver that difference's direction. bf16
+# cannot (error 2.2 at t = 0.9, 600 at T) unless t - r >= 1e-3 (App. I.6's minimum gap, IMMConfig.cifar()): <= 0.11.
 PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # mode -> autocast dtype
 PEAK_TFLOPS = {"fp32": 67, "tf32": 494, "bf16": 989, "fp16": 989}   # dense, per H100 SXM / H200: the MFU denominator
 
@@ -74,8 +71,7 @@ def precision_setup(precision, device_type):
     return autocast, scaler
 
 
-def float_in(lo, hi, hi_open=True):
-    """argparse type: a float in [lo, hi) (or [lo, hi])."""
+def float_in(lo, hi, hi_open=True):   # argparse type: a float in [lo, hi) (or [lo, hi])
     def parse(text):
         try:
             value = float(text)
@@ -145,7 +141,7 @@ def get_parser():
     # method (the rest is imm.IMMConfig.cifar())
     a("--loss", choices=["imm", "fm"], default="imm",
       help="imm (Eq. 12), or the flow-matching baseline on the same network (Euler steps at sampling)")
-    a("--M", type=pos, default=CIFAR.M, help="particles per group of the MMD estimate; micro-batches are multiples of it")
+    a("--M", type=pos, default=CIFAR.M, help="particles per group of the MMD estimate (micro-batches: multiples of M)")
     a("--k", type=nonneg, default=CIFAR.k, help="r(s,t) step: delta eta = (eta(T) - eta(t_min)) / 2^k")
     a("--min-gap", type=float_in(0, 0.5), default=CIFAR.min_gap,
       help="App. I.6: keep t - r >= this (0 = the paper's CIFAR recipe); low precision cannot resolve smaller gaps")
@@ -183,7 +179,7 @@ def get_parser():
     return p
 
 
-def net_kwargs(args):
+def net_kwargs(args):   # DDPMpp's arguments
     ints = lambda s: tuple(int(v) for v in s.split(",") if v.strip())   # noqa: E731
     return dict(model_channels=args.channels, channel_mult=ints(args.channel_mult), num_blocks=args.num_blocks,
                 attn_resolutions=ints(args.attn), dropout=args.dropout, augment_dim=9 if args.augment else 0)
@@ -196,14 +192,12 @@ def imm_config(args):
 
 
 # A run folder holds log.jsonl, args.json, the grids and ckpt.pt; a resumed run's options come from its checkpoint.
-
 def save_checkpoint(path, state):
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)   # atomic: a crash mid-write never leaves a broken ckpt.pt
 
 
-def run_files(run_dir):
-    """The files that make a folder a run."""
+def run_files(run_dir):   # the files that make a folder a run
     return [f for f in ("ckpt.pt", "log.jsonl", "args.json") if os.path.isfile(os.path.join(run_dir, f))]
 
 
@@ -552,8 +546,19 @@ def model_from_checkpoint(ckpt, rate=None):
     return model, name
 
 
+def restore(ckpt, raw_model, emas, opt, scaler):
+    """Load a checkpoint's live weights, EMAs, optimiser and fp16 loss scale; returns its step."""
+    raw_model.load_state_dict(ckpt["model"])
+    for rate, ema in emas.items():
+        ema.load_state_dict(ckpt["ema"][f"{rate:g}"])
+    opt.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    return ckpt["step"]
+
+
 # The official CIFAR-10 checkpoint is a raw pickle whose classes rebuild themselves by exec()ing source text stored in
-# the file (official torch_utils/persistence.py). We read it without running any of it and keep only tensors and scalars.
+# the file (official torch_utils/persistence.py). We read it without running any of it, keeping tensors and scalars.
 DENIED_MODULES = {"builtins", "os", "posix", "nt", "subprocess", "sys", "importlib", "runpy", "shutil", "socket",
                   "ctypes", "pickle", "marshal", "code"}   # a file naming these is refused with a clear error
 
@@ -624,7 +629,7 @@ def flat_state_dict(obj, prefix=""):
 
 
 def official_config(state):
-    """IMMConfig from the official IMMPrecond's scalars (training/preconds.py), the paper's CIFAR values where absent."""
+    """IMMConfig from the official IMMPrecond's scalars (training/preconds.py); the paper's CIFAR values if absent."""
     ours = dict(sigma_data="sigma_d", T="T", eps="t_min", f_type="f_type", temb_type="temb",
                 noise_schedule="schedule", time_scale="time_scale")
     scalar = lambda v: isinstance(v, (int, float, str)) and not isinstance(v, bool)   # noqa: E731
@@ -809,6 +814,16 @@ def compute_fid(fake, real, device):
                         f"TF1 bilinear resize to 299), images decoded as clip(x * 127.5 + 128, 0, 255) uint8")
 
 
+def fid_of(model, args, env, real):
+    """{fid_1step, fid_2step, fid_protocol} of `model` on rank 0 (every rank samples its share of --fid-n)."""
+    rec = {}
+    for steps in (1, 2):
+        x = sample_images(model, args.fid_n, steps, args.seed, rank=env.rank, world=env.world)
+        if env.master:
+            rec[f"fid_{steps}step"], rec["fid_protocol"] = compute_fid(x, real, env.device)
+    return rec
+
+
 def fid_during_training(args, env, data):
     """(every, reference images) for --fid-every; (0, None) with one line, never fatal, when FID cannot be had."""
     if not args.fid_every:
@@ -939,14 +954,12 @@ def evaluate(args, env):
             for p in save_grids(model, out_dir, f"_{name}"):
                 print(f"wrote {p}")
     else:
-        for steps in (1, 2):
-            x = sample_images(model, args.fid_n, steps, args.seed, rank=env.rank, world=env.world)
-            if env.master:
-                fid, protocol = compute_fid(x, real, env.device)
-                line = f"{steps}-step FID {fid:.3f} ({name})  [{protocol}]"
-                print(line)
-                with open(os.path.join(out_dir, "fid.txt"), "a") as f:
-                    f.write(line + "\n")
+        rec = fid_of(model, args, env, real)
+        if env.master:
+            lines = [f"{n}-step FID {rec[f'fid_{n}step']:.3f} ({name})  [{rec['fid_protocol']}]" for n in (1, 2)]
+            print("\n".join(lines))
+            with open(os.path.join(out_dir, "fid.txt"), "a") as f:
+                f.write("\n".join(lines) + "\n")
     env.close()
 
 
@@ -994,14 +1007,8 @@ def main(argv=None):
     opt = torch.optim.RAdam(raw_model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     precision = args.precision if env.cuda else "fp32"
     autocast, scaler = precision_setup(precision, device.type)
-    step = ckpt["step"] if ckpt else 0
+    step = restore(ckpt, raw_model, emas, opt, scaler) if ckpt else 0
     if ckpt:
-        raw_model.load_state_dict(ckpt["model"])
-        for rate, ema in emas.items():
-            ema.load_state_dict(ckpt["ema"][f"{rate:g}"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
         say(f"resumed from {ckpt_path} at step {step}" + "".join(f"; --{k.replace('_', '-')} {new} (was {old})"
                                                                for k, old, new in changed))
     elif args.resume:
@@ -1079,12 +1086,8 @@ def main(argv=None):
                     imm=asdict(cfg), args=vars(args)))
                 save_grids(emas[slowest], run_dir, f"_{step:07d}_ema{slowest:g}")
             last_good = os.path.join(run_dir, "ckpt.pt")
-        if fid_every and step % fid_every == 0:   # every rank samples its share
-            rec = dict(step=step, fid_model=f"ema{slowest:g}")
-            for steps in (1, 2):
-                x = sample_images(emas[slowest], args.fid_n, steps, args.seed, rank=env.rank, world=world)
-                if env.master:
-                    rec[f"fid_{steps}step"], rec["fid_protocol"] = compute_fid(x, real, device)
+        if fid_every and step % fid_every == 0:
+            rec = dict(step=step, fid_model=f"ema{slowest:g}", **fid_of(emas[slowest], args, env, real))
             say(f"step {step} | FID of the EMA {slowest:g}: 1 step {rec.get('fid_1step', 0):.2f} | 2 steps "
                 f"{rec.get('fid_2step', 0):.2f} | {rec.get('fid_protocol')}")
             log(rec)
