@@ -18,6 +18,7 @@ order the two times differently and positional calls invite exactly that bug.
 """
 import argparse
 import math
+import os
 import time
 from dataclasses import dataclass, replace
 from typing import NamedTuple
@@ -519,10 +520,14 @@ def self_attention(qkv):
     """Single-head self-attention over the pixels, from the official interleaved qkv output [N, 3C, H, W] (channels
     in [C, 3] order): a[n,i,c] = sum_j softmax_j(sum_c' q[n,i,c'] k[n,j,c'] / sqrt(C)) v[n,j,c], as [N, C, H, W].
     One copy lays q, k, v out as [N, HW, C]; SDPA computes exactly this (checked against the einsum form in the
-    tests) without storing the [N, HW, HW] weights, and keeps the softmax in fp32 under bf16 autocast."""
+    tests) without storing the [N, HW, HW] weights, and keeps the softmax in fp32 under bf16 autocast. The result
+    comes back in qkv's layout (a free view for NHWC), so the next convolution's weight gradient keeps the layout of
+    its weight, which DDP's gradient buckets expect."""
     N, C3, H, W = qkv.shape
     q, k, v = qkv.unflatten(1, (C3 // 3, 3)).flatten(3).permute(2, 0, 3, 1).contiguous().unbind(0)
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N, C3 // 3, H, W)
+    a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N, C3 // 3, H, W)   # an NHWC view
+    return a.contiguous(memory_format=torch.channels_last if qkv.is_contiguous(memory_format=torch.channels_last)
+                        else torch.contiguous_format)
 
 
 # The network proper.
@@ -760,10 +765,11 @@ def sample_2d(model, n, n_steps, seed=0, kind="uniform"):
 
 
 class ArgParser(argparse.ArgumentParser):
-    """argparse that reports a bad option in one line (no usage dump)."""
+    """argparse that reports a bad option in one line (no usage dump), once under torchrun (by rank 0)."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n"
+                  if os.environ.get("RANK", "0") == "0" else None)
 
 
 def int_at_least(lo, multiple_of=1):

@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import types
@@ -1164,7 +1165,9 @@ def torchrun(tmp_path, script, *args, nnodes=1, node_rank=0, port=None):
 
 
 TORCHRUN_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SCRIPT_DIR))
-DDP_RUN = [*TINY_NET, "--fake-data", "--dropout", "0", "--max-steps", "3"]   # dropout masks are per rank: off
+# --tiny's network has a 1x1 convolution after attention, whose weight gradient once came in another layout than the
+# weight (DDP then warned "Grad strides do not match bucket view strides" and copied it); dropout masks are per rank
+DDP_RUN = ["--tiny", "--batch", "8", "--log-every", "1", "--fake-data", "--dropout", "0", "--max-steps", "3"]
 
 
 @slow
@@ -1173,6 +1176,7 @@ def test_two_process_ddp_matches_one_process_with_accumulation(tmp_path):
                           env=TORCHRUN_ENV, cwd=tmp_path, capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout and "batch 8 = 2 x 1 x 4" in proc.stdout
+    assert "Grad strides do not match" not in proc.stderr
     train_cifar.main(DDP_RUN + ["--run-dir", str(tmp_path / "one"), "--batch-gpu", "4"])   # two micro-batches of 4
     # the same sums in another order: float noise at most (measured: bit-identical with 2 ranks, on CPU/gloo and on
     # 2 GPUs/NCCL, since halving is exact); rtol leaves room for other rank counts
@@ -1327,6 +1331,53 @@ def test_non_finite_stops_training_and_keeps_last_good_checkpoint(tmp_path, monk
     expected = "loss is nan within steps 3..3" if poison == "loss" else "weights became non-finite by step 3"
     assert expected in str(e.value) and f"the last good checkpoint is {tmp_path / 'ckpt.pt'}" in str(e.value)
     assert (tmp_path / "ckpt.pt").read_bytes() == good
+
+
+def signal_after(cmd, sig, step, env=None):
+    """Run cmd, send it `sig` once it has printed step `step`; (return code, stdout, stderr)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env or dict(os.environ, OMP_NUM_THREADS="1"))
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(f"step {step} |"):
+            proc.send_signal(sig)
+            break
+    out, err = proc.communicate(timeout=240)
+    return proc.returncode, "".join(seen) + out, err
+
+
+@slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_training_after_a_step_with_a_checkpoint_that_resumes_exactly(tmp_path, sig):
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(SCRIPT_DIR / "train_cifar.py"), *TINY_NET, "--fake-data", "--max-steps", "100000",
+           "--run-dir", str(run)]
+    code, out, err = signal_after(cmd, sig, 2)
+    step = load_ckpt(run / "ckpt.pt")["step"]
+    assert code == 128 + sig and step >= 2 and "Traceback" not in err, err[-2000:]
+    assert out.splitlines()[-1] == (f"stopped at step {step} by {sig.name}; checkpoint {run / 'ckpt.pt'}; "
+                                    f"continue with --resume {run}")
+    assert read_log(run)[-1]["step"] == step                    # the log line of the last step is written too
+    train_cifar.main(["--resume", str(run), "--max-steps", str(step + 2)])
+    train_tiny(tmp_path / "full", "--max-steps", str(step + 2))
+    assert_same_training(run, tmp_path / "full", exact=True)
+
+
+@slow
+def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step_and_errors_print_once(tmp_path):
+    code, out, err = signal_after(torchrun(tmp_path, SCRIPT_DIR / "train_cifar.py", *DDP_RUN, "--max-steps", "100000",
+                                           "--run-dir", tmp_path / "ddp"), signal.SIGTERM, 2, env=TORCHRUN_ENV)
+    step = load_ckpt(tmp_path / "ddp" / "ckpt.pt")["step"]
+    assert code != 0 and out.count("stopped at step") == 1 and f"stopped at step {step} by SIGTERM" in out, err
+    train_cifar.main(["--resume", str(tmp_path / "ddp"), "--max-steps", str(step + 2), "--batch-gpu", "4"])
+    train_cifar.main(DDP_RUN + ["--max-steps", str(step + 2), "--run-dir", str(tmp_path / "one"), "--batch-gpu", "4"])
+    assert_same_training(tmp_path / "ddp", tmp_path / "one")
+    for bad, message in ((["--batch", "33"], "--batch 33 is not divisible by the 2 processes"),
+                         (["--dropout", "1.5"], "argument --dropout: must be in [0, 1), got 1.5")):
+        proc = subprocess.run(torchrun(tmp_path, SCRIPT_DIR / "train_cifar.py", "--tiny", "--fake-data", *bad),
+                              env=TORCHRUN_ENV, cwd=tmp_path, capture_output=True, text=True, timeout=150)
+        assert proc.returncode != 0 and (proc.stdout + proc.stderr).count(message) == 1, proc.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1607,9 +1658,9 @@ def test_sampling_an_official_checkpoint_that_cannot_be_had_is_one_line(tmp_path
     monkeypatch.setattr(torch.hub, "download_url_to_file",
                         lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
     (tmp_path / "cifar10.pkl").write_bytes(b"\x80\x04" + bytes(range(200, 256)))
-    for spec in ("official", str(tmp_path / "cifar10.pkl")):
-        with pytest.raises(SystemExit, match=f"cannot load the official checkpoint {re.escape(spec)} .*pass its path"):
-            train_cifar.main(["--sample", spec, "--run-dir", str(tmp_path / "out")])
+    for source in ("official", str(tmp_path / "cifar10.pkl")):
+        with pytest.raises(SystemExit, match=f"cannot load the official checkpoint {re.escape(source)} .*its path"):
+            train_cifar.main(["--sample", source, "--run-dir", str(tmp_path / "out")])
 
 
 # ---------------------------------------------------------------------------------------------

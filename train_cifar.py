@@ -29,6 +29,8 @@ import math
 import os
 import pickle
 import shutil
+import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -329,6 +331,37 @@ class Env:
         if self.ddp and first:
             dist.barrier()
         return out
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (how schedulers stop a job) ask the training loop to stop after the current step,
+    which then writes a checkpoint; a second Ctrl-C exits at once. A context manager: the old handlers come back."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            print("second Ctrl-C: exiting at once, without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signum = self.signum or signum
+
+    def agreed(self, env, pending):
+        """The signal every rank stops for after this step (0: none). Under DDP the ranks all-reduce their flags each
+        step and read the result two steps later: by then it is computed, so reading it never idles the GPU."""
+        if not env.ddp:
+            return self.signum
+        pending.append(torch.tensor(self.signum, device=env.device))
+        dist.all_reduce(pending[-1], op=dist.ReduceOp.MAX)
+        return int(pending.pop(0).item()) if len(pending) > 2 else 0
 
 
 # -----------------------------------------------------------------------------------------------
@@ -682,20 +715,20 @@ def load_official(path_or_url=OFFICIAL_CIFAR10_URL, cache_dir=None):
     return model.eval(), model.cfg
 
 
-def load_model(spec, rate=None):
+def load_model(source, rate=None):
     """(model, name, folder) for --sample/--fid: 'official', an official pickle (path or URL), or one of our
     checkpoints (a file or a run folder) with its EMA of decay `rate`."""
-    official = spec == "official" or "://" in spec
-    if not official and os.path.isfile(spec):
-        with open(spec, "rb") as f:
+    official = source == "official" or "://" in source
+    if not official and os.path.isfile(source):
+        with open(source, "rb") as f:
             official = f.read(1) == b"\x80"   # a raw pickle; ours are zip archives
     if official:
         try:
-            return load_official(OFFICIAL_CIFAR10_URL if spec == "official" else spec)[0], "official", "out"
+            return load_official(OFFICIAL_CIFAR10_URL if source == "official" else source)[0], "official", "out"
         except (OSError, ValueError, pickle.UnpicklingError) as e:   # offline, missing or not an official checkpoint
-            raise SystemExit(f"cannot load the official checkpoint {spec} ({type(e).__name__}: {e}); offline, "
+            raise SystemExit(f"cannot load the official checkpoint {source} ({type(e).__name__}: {e}); offline, "
                              f"download {OFFICIAL_CIFAR10_URL} elsewhere and pass its path")
-    path = find_checkpoint(spec)
+    path = find_checkpoint(source)
     if path is None:
         raise SystemExit("--sample/--fid auto: no runs/*/ckpt.pt found")
     model, name = model_from_checkpoint(load_checkpoint(path), rate)
@@ -1053,47 +1086,60 @@ def main(argv=None):
 
     # Training loop
     loss_sum, n_steps, t_last, last_good = torch.zeros((), device=device), 0, time.time(), ckpt_path
-    slowest = max(emas)   # grids and FID during training
+    slowest, stop, pending = max(emas), 0, []   # slowest: the EMA of grids and FID; stop: a signal's number
     bins = torch.zeros(3, N_TIME_BINS, dtype=torch.float64, device=device)
-    while step < args.max_steps:
-        torch.manual_seed(step_seed(args.seed, step, 1 + env.rank))   # this rank's dropout masks for this step
-        loss_sum += train(step, bins)
-        for rate, ema in emas.items():   # each EMA warms up: decay min(rate, (1 + n) / (10 + n)) at step n
-            ema_update(ema, raw_model, min(rate, (1 + step) / (10 + step)))
-        step, n_steps = step + 1, n_steps + 1
-        at_ckpt = step == args.max_steps or step % args.ckpt_every == 0
-        if step % args.log_every == 0 or at_ckpt:   # a sync: sum the ranks' losses, check them, print and log
-            if env.ddp:
-                dist.all_reduce(loss_sum)
-                dist.all_reduce(bins)
-            loss = loss_sum.item() / (n_steps * world)
-            if not math.isfinite(loss):
-                env.stop(f"loss is {loss} within steps {step - n_steps + 1}..{step}: training stopped; "
-                         f"the last good checkpoint is {last_good or 'none (none was written yet)'}")
-            rec, line = progress(step, n_steps, loss, bins, time.time() - t_last, args, cfg, world, mfu, device)
-            say(line)
-            log(rec)
-            loss_sum, n_steps, t_last = torch.zeros((), device=device), 0, time.time()
-            bins.zero_()
-        if at_ckpt:   # a finite loss with non-finite weights (an inf gradient) must not overwrite a good file either
-            if not all(p.isfinite().all() for p in raw_model.parameters()):   # same on every rank
-                env.stop(f"weights became non-finite by step {step}: not saved; the last good checkpoint is "
-                         f"{last_good or 'none (none was written yet)'}")
-            if env.master:
-                save_checkpoint(os.path.join(run_dir, "ckpt.pt"), dict(
-                    step=step, model=raw_model.state_dict(), ema={f"{r:g}": e.state_dict() for r, e in emas.items()},
-                    optimizer=opt.state_dict(), scaler=scaler.state_dict() if scaler else None, net=net_cfg,
-                    imm=asdict(cfg), args=vars(args)))
-                save_grids(emas[slowest], run_dir, f"_{step:07d}_ema{slowest:g}")
-            last_good = os.path.join(run_dir, "ckpt.pt")
-        if fid_every and step % fid_every == 0:
-            rec = dict(step=step, fid_model=f"ema{slowest:g}", **fid_of(emas[slowest], args, env, real))
-            say(f"step {step} | FID of the EMA {slowest:g}: 1 step {rec.get('fid_1step', 0):.2f} | 2 steps "
-                f"{rec.get('fid_2step', 0):.2f} | {rec.get('fid_protocol')}")
-            log(rec)
+    with StopSignals() as signals:   # Ctrl-C and SIGTERM end the loop after a step, with a checkpoint
+        while step < args.max_steps and not stop:
+            torch.manual_seed(step_seed(args.seed, step, 1 + env.rank))   # this rank's dropout masks for this step
+            loss_sum += train(step, bins)
+            for rate, ema in emas.items():   # each EMA warms up: decay min(rate, (1 + n) / (10 + n)) at step n
+                ema_update(ema, raw_model, min(rate, (1 + step) / (10 + step)))
+            step, n_steps, stop = step + 1, n_steps + 1, signals.agreed(env, pending)
+            at_ckpt = step == args.max_steps or step % args.ckpt_every == 0 or stop
+            if step % args.log_every == 0 or at_ckpt:   # a sync: sum the ranks' losses, check them, print and log
+                if env.ddp:
+                    dist.all_reduce(loss_sum)
+                    dist.all_reduce(bins)
+                loss = loss_sum.item() / (n_steps * world)
+                if not math.isfinite(loss):
+                    env.stop(f"loss is {loss} within steps {step - n_steps + 1}..{step}: training stopped; "
+                             f"the last good checkpoint is {last_good or 'none (none was written yet)'}")
+                rec, line = progress(step, n_steps, loss, bins, time.time() - t_last, args, cfg, world, mfu, device)
+                say(line)
+                log(rec)
+                loss_sum, n_steps, t_last = torch.zeros((), device=device), 0, time.time()
+                bins.zero_()
+            if at_ckpt:   # a finite loss with non-finite weights (an inf gradient) must not overwrite a good file
+                if not all(p.isfinite().all() for p in raw_model.parameters()):   # same on every rank
+                    env.stop(f"weights became non-finite by step {step}: not saved; the last good checkpoint is "
+                             f"{last_good or 'none (none was written yet)'}")
+                if env.master:
+                    save_checkpoint(os.path.join(run_dir, "ckpt.pt"), dict(
+                        step=step, model=raw_model.state_dict(), optimizer=opt.state_dict(),
+                        ema={f"{r:g}": e.state_dict() for r, e in emas.items()}, net=net_cfg, imm=asdict(cfg),
+                        scaler=scaler.state_dict() if scaler else None, args=vars(args)))
+                    save_grids(emas[slowest], run_dir, f"_{step:07d}_ema{slowest:g}")
+                last_good = os.path.join(run_dir, "ckpt.pt")
+            if fid_every and step % fid_every == 0:
+                rec = dict(step=step, fid_model=f"ema{slowest:g}", **fid_of(emas[slowest], args, env, real))
+                say(f"step {step} | FID of the EMA {slowest:g}: 1 step {rec.get('fid_1step', 0):.2f} | 2 steps "
+                    f"{rec.get('fid_2step', 0):.2f} | {rec.get('fid_protocol')}")
+                log(rec)
+    if stop:
+        say(f"stopped at step {step} by {signal.Signals(stop).name}; checkpoint {last_good}; continue with "
+            f"--resume {run_dir}")
+        env.close()
+        raise SystemExit(128 + stop)
     say(f"done: {step} steps, checkpoint {last_good}")
     env.close()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as e:   # our one-line errors: printed once (by rank 0 under torchrun), every rank exits with 1
+        if not isinstance(e.code, str):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(e.code, file=sys.stderr, flush=True)
+        sys.exit(1)
