@@ -1248,6 +1248,15 @@ def test_resume_continues_exactly_with_every_option_of_the_checkpoint(tmp_path, 
             train_cifar.main(["--resume", str(tmp_path / "part"), "--max-steps", "5", *bad])
 
 
+def test_a_checkpoint_from_before_ema_lists_resumes_with_its_one_ema(tmp_path):
+    train_tiny(tmp_path, "--max-steps", "1")
+    ckpt = load_ckpt(tmp_path / "ckpt.pt")
+    ckpt["ema"], ckpt["args"]["ema"] = ckpt["ema"]["0.9999"], 0.9999   # the format of commit 44c9c2a and before
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    train_cifar.main(["--resume", str(tmp_path), "--max-steps", "2"])
+    assert list(load_ckpt(tmp_path / "ckpt.pt")["ema"]) == ["0.9999"]
+
+
 def test_a_new_run_never_writes_into_a_folder_that_holds_one(tmp_path):
     train_tiny(tmp_path, "--max-steps", "2")
     before = {f: (tmp_path / f).read_bytes() for f in ("ckpt.pt", "log.jsonl", "args.json")}

@@ -7,9 +7,9 @@ at a model (--sample) and measure it (--fid).
   python train_cifar.py --sample runs/X                   # 1- and 2-step sample grids of its slowest EMA
   torchrun --nproc_per_node=8 train_cifar.py --fid official   # FID-50k of the released checkpoint
 
-The file reads top to bottom: 1. config, 2. processes (DDP), 3. data and augmentation, 4. model, checkpoints and the
-official checkpoint's safe reader, 5. sampling and FID, 6. the training step, 7. --sample and --fid, 8. main: set-up
-and the training loop.
+The file reads top to bottom: 1. config (options, run folders, checkpoint files), 2. processes (DDP, stop signals),
+3. data and augmentation, 4. models from checkpoints and the official checkpoint's safe reader, 5. sampling and FID,
+6. the training step, 7. --sample and --fid, 8. main: set-up and the training loop.
 
 Randomness: every random choice of step n (data indices, flips and augmentations, times, noise) comes from a
 generator seeded by (seed, n), identically on every rank, and each rank takes its slice of the global batch. So a
@@ -192,6 +192,9 @@ def imm_config(args):
                            f_type="euler_fm" if args.loss == "fm" else "simple_edm")
 
 
+def shown(value):   # an option's value as typed: 0.999,0.9999 rather than (0.999, 0.9999)
+    return ",".join(map(str, value)) if isinstance(value, tuple) else value
+
 
 # A run folder holds log.jsonl, args.json, the grids and ckpt.pt; a resumed run's options come from its checkpoint.
 def save_checkpoint(path, state):
@@ -237,6 +240,9 @@ def load_checkpoint(path):
     if missing:
         raise SystemExit(f"{path} is not a train_cifar.py checkpoint (it has no {', '.join(missing)}); for the "
                          f"official CIFAR-10 model use --sample/--fid official")
+    if torch.is_tensor(next(iter(ckpt["ema"].values()))):   # written before --ema took a list: one EMA
+        rate = ckpt["args"]["ema"]
+        ckpt["ema"], ckpt["args"]["ema"] = {f"{rate:g}": ckpt["ema"]}, (rate,)
     return ckpt
 
 
@@ -261,7 +267,7 @@ def parse_args(argv=None):
         fixed = [k for k, _, _ in changed
                  if k in FIXED_OPTIONS or (k == "augment" and net_kwargs(args) != ckpt["net"])]
         if fixed:
-            names = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in fixed)
+            names = ", ".join(f"--{k.replace('_', '-')} {shown(getattr(args, k))}" for k in fixed)
             raise SystemExit(f"cannot resume with {names}: a resumed run keeps its network, method, EMA rates and "
                              f"seed; start a new --run-dir to change them")
     return args, ckpt, path, changed
@@ -1042,8 +1048,8 @@ def main(argv=None):
     autocast, scaler = precision_setup(precision, device.type)
     step = restore(ckpt, raw_model, emas, opt, scaler) if ckpt else 0
     if ckpt:
-        say(f"resumed from {ckpt_path} at step {step}" + "".join(f"; --{k.replace('_', '-')} {new} (was {old})"
-                                                               for k, old, new in changed))
+        say(f"resumed from {ckpt_path} at step {step}" + "".join(
+            f"; --{k.replace('_', '-')} {shown(new)} (was {shown(old)})" for k, old, new in changed))
     elif args.resume:
         say("--resume auto: no checkpoint yet, starting from scratch")
     compile_ = env.cuda if args.compile is None else args.compile
