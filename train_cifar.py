@@ -362,12 +362,25 @@ class StopSignals:
 
     def agreed(self, env, pending):
         """The signal every rank stops for after this step (0: none). Under DDP the ranks all-reduce their flags each
-        step and read the result two steps later: by then it is computed, so reading it never idles the GPU."""
+        step; on a GPU the result is copied to pinned host memory as soon as it exists and read two steps later, so
+        waiting for it never idles the GPU (a plain .item() would wait for all the work queued since)."""
         if not env.ddp:
             return self.signum
-        pending.append(torch.tensor(self.signum, device=env.device))
-        dist.all_reduce(pending[-1], op=dist.ReduceOp.MAX)
-        return int(pending.pop(0).item()) if len(pending) > 2 else 0
+        flag = torch.full((), self.signum, device=env.device)   # a fill kernel: no host-to-GPU copy
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if env.cuda:
+            host, ready = torch.empty((), dtype=flag.dtype, pin_memory=True), torch.cuda.Event()
+            host.copy_(flag, non_blocking=True)
+            ready.record()
+            flag = (host, ready)
+        pending.append(flag)
+        if len(pending) < 3:
+            return 0
+        flag = pending.pop(0)
+        if env.cuda:
+            flag[1].synchronize()
+            flag = flag[0]
+        return int(flag)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1011,7 +1024,7 @@ def main(argv=None):
     args, ckpt, ckpt_path, changed = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
     per_rank, batch_gpu = check_args(args, world)
-    if not (args.sample or args.fid or args.bench or ckpt) and args.run_dir and run_files(args.run_dir):
+    if not (args.sample or args.fid or args.bench or args.resume) and args.run_dir and run_files(args.run_dir):
         raise SystemExit(f"{args.run_dir} already holds a run ({', '.join(run_files(args.run_dir))}): continue it with "
                          f"--resume {args.run_dir}, or choose a new --run-dir")
     env = Env()
