@@ -973,8 +973,8 @@ def bench(step, n, batch, world, mfu, device, say):
 
 def progress(step, n_steps, loss, bins, seconds, args, cfg, world, mfu, device):
     """(log.jsonl record, console line) of one log interval: loss, speed, memory, and the loss per bin of t."""
-    img_s, mem = n_steps * args.batch / seconds, torch.cuda.max_memory_allocated(device) / 2**30 if device.type == \
-        "cuda" else 0.0
+    img_s = n_steps * args.batch / seconds
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     per_bin = [[v if n else None for v, n in zip(row, bins[2].tolist())]   # None: no group fell in the bin
                for row in (bins[:2] / bins[2].clamp_min(1)).tolist()]
     rec = dict(step=step, kimg=step * args.batch / 1000, loss=loss, img_s=img_s, img_s_gpu=img_s / world,
