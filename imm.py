@@ -425,11 +425,13 @@ def restart_sample(model, x_T, ts, labels=None, generator=None):
     was_training = model.training
     model.eval()
     cfg, x, t_end = model.cfg, x_T.to(torch.float64), ts[-1]
+    # all re-noising at once, one row per sample: the CPU generator fills in order, so the first k samples of a batch
+    # get the noise of a batch of k (for rows of a multiple of 16 values, as images have)
+    noise = prior_sample((len(x), max(len(ts) - 2, 0), *x.shape[1:]), cfg, x.device, generator)
     for i, t in enumerate(ts[:-1]):
         x_end = model(x, t=t, s=t_end, labels=labels)
         if i + 2 < len(ts):
-            noise = prior_sample(x.shape, cfg, x.device, generator)
-            x = interpolate(x_end, noise, t=ts[i + 1], schedule=cfg.schedule)
+            x = interpolate(x_end, noise[:, i], t=ts[i + 1], schedule=cfg.schedule)
     model.train(was_training)
     return x_end
 

@@ -476,6 +476,10 @@ def test_restart_with_one_step_equals_pushforward_and_renoises_otherwise():
         x1 = imm.interpolate(x0, imm.prior_sample((7, 2), cfg, generator=g), t=ts[1])
         expected = model(x1, t=ts[1], s=ts[2])
     torch.testing.assert_close(imm.restart_sample(model, x_T, ts, generator=torch.Generator().manual_seed(9)), expected)
+    # one noise row per sample: the first 8 of 16 samples get the noise of 8 samples drawn alone (8 x 3 x 2 values)
+    x_T, ts = imm.prior_sample((16, 2), cfg), imm.timesteps(4, "uniform", cfg)
+    all16, first8 = (imm.restart_sample(model, x_T[:n], ts, generator=torch.Generator().manual_seed(9)) for n in (16, 8))
+    torch.testing.assert_close(all16[:8], first8)
 
 
 def test_sliced_wasserstein_of_a_translation_is_its_length_over_root_two():
