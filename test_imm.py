@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import types
 import urllib.error
 import warnings
@@ -1091,26 +1092,30 @@ def test_save_image_grid_writes_a_png_of_the_right_size(tmp_path):
         assert gray.size == (30, 8) and gray.mode == "L"
 
 
-def test_sample_images_is_the_cifar_pushforward_sampler_seeded_per_batch():
-    model = imm.IMMModel(randomize_(tiny_net(dropout=0.5)), imm.IMMConfig()).train()
-    got = train_cifar.sample_images(model, 3, steps=2, seed=7, batch=2)
-    assert model.training   # sampled in eval mode (dropout off), then put back
+def test_sample_images_runs_algorithm_2_or_5_on_the_papers_time_lists_and_any_draw_starts_like_a_smaller_one(
+        monkeypatch):
+    cfg, uniform = IMMConfig(), lambda n: torch.linspace(0.994, 0.006, n + 1, dtype=torch.float64)
+    torch.testing.assert_close(train_cifar.sampling_times(1, cfg), uniform(1))                  # official 1 step
+    torch.testing.assert_close(train_cifar.sampling_times(2, cfg)[1], imm.eta_inv(1.4))        # official: eta 1.4
+    for n, c in ((3, cfg), (8, cfg), (2, IMMConfig(f_type="euler_fm"))):   # uniform in t (Eq. 117); FM: Euler steps
+        torch.testing.assert_close(train_cifar.sampling_times(n, c), uniform(n))
+    model = IMMModel(randomize_(tiny_net(dropout=0.5)), cfg).train()
+    priors, draw = [], train_cifar.prior_sample
+    monkeypatch.setattr(train_cifar, "prior_sample", lambda *a, **k: priors.append(draw(*a, **k)) or priors[-1])
+    x = {s: train_cifar.sample_images(model, 10, 4, s, seed=7, batch=4) for s in ("pushforward", "restart")}
+    assert model.training and x["restart"].shape == (10, 8, 8, 3) and x["restart"].dtype == torch.uint8
     model.eval()
-    want = []
-    for b, n in enumerate((2, 1)):   # batch b draws its prior noise from a generator seeded by (seed, b)
-        x = torch.randn(n, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(7 * 1_000_003 + b))
-        x = x * 0.5   # sigma_d
-        with torch.no_grad():
-            for t, s in zip(torch.tensor([0.994, 1.4 / 2.4]), torch.tensor([1.4 / 2.4, 0.006])):   # through eta 1.4
-                x = model(x, t=t.double(), s=s.double())
-        want.append(train_cifar.decode_images(x))
-    assert got.dtype == torch.uint8 and got.shape == (3, 8, 8, 3) and torch.equal(got, torch.cat(want))
-    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.5
-    with torch.no_grad():
-        one = train_cifar.decode_images(model(x, t=0.994, s=0.006))
-    assert torch.equal(train_cifar.sample_images(model, 2, steps=1), one)
-    with pytest.raises(ValueError, match="samples with 1 or 2 steps"):
-        train_cifar.sample_images(model, 2, steps=3)
+    torch.testing.assert_close(priors[:3], priors[3:])   # both samplers start from the same noise
+    assert torch.equal(x["pushforward"], train_cifar.decode_images(
+        imm.pushforward_sample(model, torch.cat(priors[:3]), uniform(4))))                     # Algorithm 2
+    assert not torch.equal(x["restart"], x["pushforward"])                                      # re-noised
+    for sampler in ("pushforward", "restart"):
+        assert torch.equal(train_cifar.sample_images(model, 3, 4, sampler, seed=7, batch=4), x[sampler][:3])
+        shares = [train_cifar.sample_images(model, 10, 4, sampler, seed=7, batch=4, rank=r, world=2) for r in (0, 1)]
+        assert torch.equal(torch.cat([shares[0][:4], shares[1], shares[0][4:]]), x[sampler])   # batches 0, 1, 2
+        assert not torch.equal(train_cifar.sample_images(model, 3, 4, sampler, seed=8, batch=4), x[sampler][:3])
+    one = {s: train_cifar.sample_images(model, 3, 1, s, seed=7) for s in ("pushforward", "restart")}
+    assert torch.equal(one["pushforward"], one["restart"])   # one restart step is one pushforward step
 
 
 # ============================================================================= train_cifar.py
@@ -1202,28 +1207,32 @@ def test_two_nodes_over_the_loopback_rendezvous_match_one_process(tmp_path):
 
 
 @slow
-def test_samples_shared_over_two_processes_equal_one_processs(tmp_path):
-    """--fid and --fid-every sample with every rank: the gathered images are those of one process, in order."""
+def test_samples_and_fid_statistics_shared_over_two_processes_equal_one_processs(tmp_path):
+    """--sample, --fid and --fid-every with every rank: rank 0 gathers the images of one process, in order, and the
+    ranks' summed feature moments give one process's FID statistics."""
     script = tmp_path / "sample.py"
     script.write_text(
-        "import os, sys, torch, torch.distributed as dist\n"
-        "import imm, train_cifar\n"
-        "dist.init_process_group('gloo')\n"
+        "import sys, torch, torch.distributed as dist\n"
+        "import imm, train_cifar, test_imm\n"
+        "env = train_cifar.Env()\n"
         "torch.manual_seed(0)\n"
-        "model = imm.IMMModel(imm.DDPMpp(img_resolution=8, model_channels=16, channel_mult=(1, 2), num_blocks=1,\n"
-        "                                attn_resolutions=(4,)), imm.IMMConfig())\n"
-        "x = train_cifar.sample_images(model, 7, 2, seed=3, batch=2, rank=dist.get_rank(), world=2)\n"
-        "torch.save(x, sys.argv[1] + f'/rank{dist.get_rank()}.pt')\n"
-        "dist.destroy_process_group()\n")
+        "model = imm.IMMModel(test_imm.tiny_net(), imm.IMMConfig())\n"
+        "x = train_cifar.sample_images(model, 7, 4, 'restart', seed=3, batch=2, rank=env.rank, world=env.world)\n"
+        "stats = train_cifar.fid_statistics(x.permute(0, 3, 1, 2), test_imm.FAKE_INCEPTION, env, batch=3)\n"
+        "torch.save((train_cifar.gather_images(x, 7, env, batch=2), stats), sys.argv[1] + f'/rank{env.rank}.pt')\n"
+        "env.close()\n")
     proc = subprocess.run(torchrun(tmp_path, script, tmp_path), env=TORCHRUN_ENV, cwd=tmp_path, capture_output=True,
                           text=True, timeout=150)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     torch.manual_seed(0)
     model = IMMModel(tiny_net(), IMMConfig())
-    one = train_cifar.sample_images(model, 7, 2, seed=3, batch=2)
-    assert one.shape == (7, 8, 8, 3) and one.dtype == torch.uint8
-    for rank in (0, 1):
-        assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), one)
+    one = train_cifar.sample_images(model, 7, 4, "restart", seed=3, batch=2)
+    ref = train_cifar.fid_statistics(one.permute(0, 3, 1, 2), FAKE_INCEPTION, train_cifar.Env())
+    (images, stats), (nothing, stats1) = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert torch.equal(images, one) and nothing is None
+    for s in (stats, stats1):
+        np.testing.assert_allclose(s["mu"], ref["mu"], rtol=1e-12)
+        np.testing.assert_allclose(s["sigma"], ref["sigma"], rtol=1e-9, atol=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1415,10 +1424,9 @@ def test_flow_matching_baseline_trains_through_the_same_script_and_samples_with_
     assert ckpt["imm"]["f_type"] == "euler_fm" and ckpt["args"]["loss"] == "fm"
     # at init sigma_d G ~ 0, so the regression loss is E|noise - x|^2 per element: about sigma_d^2 + E x^2 = 0.25 + 1/3
     assert read_log(tmp_path)[0]["loss"] == pytest.approx(0.25 + 1 / 3, rel=0.1)
-    cfg = IMMConfig(**ckpt["imm"])
-    euler = torch.linspace(0.994, 0.006, 5, dtype=torch.float64)
-    torch.testing.assert_close(train_cifar.cifar_timesteps(4, cfg), euler)
-    assert (tmp_path / "samples_0000001_ema0.9999_2step.png").exists()
+    assert (tmp_path / "samples_0000001_ema0.9999_euler_2step.png").exists()   # Euler steps (sampling_times' test)
+    with pytest.raises(SystemExit, match="--sampler restart: a flow-matching model samples with Euler steps"):
+        train_cifar.main(["--sample", str(tmp_path), "--sampler", "restart"])
 
 
 def test_fp16_with_loss_scaling_takes_the_fp32_step():
@@ -1545,6 +1553,9 @@ def test_bad_data_gives_one_clear_error_and_leaves_no_folder_behind(tmp_path, mo
     (["--sample", "a", "--ema", "0.5,0.9"], "give one EMA rate"),
     (["--resume", "nowhere/ckpt.pt"], "no checkpoint at nowhere/ckpt.pt"),
     (["--sample", "nowhere"], "no checkpoint at nowhere"),
+    (["--steps", "0"], "argument --steps: expected comma-separated numbers such as 2,2,2 (positive integers)"),
+    (["--n", "5"], "--n is the number of samples of --sample, --fid or --fid-every: use it with one of them"),
+    (["--loss", "fm", "--sampler", "restart"], "--sampler restart: a flow-matching model samples with Euler steps"),
 ])
 def test_bad_options_are_refused_in_one_line(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as e:
@@ -1609,39 +1620,88 @@ def test_the_readme_cpu_smoke_run_writes_a_checkpoint_and_grids_and_sample_draws
     train_cifar.main(argv + ["--run-dir", str(tmp_path), "--ema", "0.9,0.99"])
     ckpt = load_ckpt(tmp_path / "ckpt.pt")
     assert ckpt["step"] == 2 and ckpt["net"]["model_channels"] == 32 and ckpt["args"]["batch"] == 32
-    grids = ["samples_0000002_ema0.99_1step.png", "samples_0000002_ema0.99_2step.png"]   # the slowest EMA
+    grids = [f"samples_0000002_ema0.99_pushforward_{n}step.png" for n in (1, 2)]   # the slowest EMA
     assert sorted(p.name for p in tmp_path.glob("*.png")) == grids
     for ema, tag in (([], "ema0.99"), (["--ema", "0.9"], "ema0.9"), (["--ema", "0"], "live")):
         train_cifar.main(["--sample", str(tmp_path), *ema])
-        with Image.open(tmp_path / f"samples_{tag}_2step.png") as png:
+        with Image.open(tmp_path / f"samples_{tag}_pushforward_2step.png") as png:
             assert png.size == (8 * 32, 8 * 32)
-    with Image.open(tmp_path / grids[1]) as a, Image.open(tmp_path / "samples_ema0.99_2step.png") as b:
+    with Image.open(tmp_path / grids[1]) as a, Image.open(tmp_path / "samples_ema0.99_pushforward_2step.png") as b:
         assert np.array_equal(np.array(a), np.array(b))   # --sample redraws what training drew (same noise, weights)
     with pytest.raises(SystemExit, match="--ema 0.5: the checkpoint keeps the EMAs 0.9, 0.99"):
         train_cifar.main(["--sample", str(tmp_path), "--ema", "0.5"])
 
 
-def fake_inception(monkeypatch):
+FAKE_INCEPTION = train_cifar.Extractor("per-channel means and standard deviations", 6,
+                                       lambda x: torch.cat([x.float().mean((2, 3)), x.float().std((2, 3))], 1))
+
+
+def test_sample_writes_a_grid_and_an_npz_per_step_count_and_the_grid_shows_the_first_64_samples(tmp_path, capsys):
+    train_tiny(tmp_path, "--max-steps", "1")
+    train_cifar.main(["--sample", str(tmp_path), "--steps", "1,2,4,8", "--sampler", "restart", "--n", "70"])
+    out, x = capsys.readouterr().out, {}
+    for n in (1, 2, 4, 8):
+        stem = tmp_path / f"samples_ema0.9999_restart_{n}step"
+        with np.load(f"{stem}_70.npz") as f:   # the layout of ADM's evaluator suite: arr_0, uint8 [N, H, W, 3]
+            assert f.files == ["arr_0"] and f["arr_0"].shape == (70, 32, 32, 3) and f["arr_0"].dtype == np.uint8
+            x[n] = f["arr_0"]
+        with Image.open(f"{stem}.png") as png:
+            grid = np.array(png).reshape(8, 32, 8, 32, 3).transpose(0, 2, 1, 3, 4).reshape(64, 32, 32, 3)
+        np.testing.assert_array_equal(grid, x[n][:64])
+        assert f"sampling 70 images at {n}-step restart (1 process(es))" in out and f"wrote {stem}.png and" in out
+    assert not np.array_equal(x[4], x[8])
+    train_cifar.main(["--sample", str(tmp_path), "--steps", "8", "--sampler", "restart", "--run-dir", str(tmp_path / "b")])
+    with Image.open(tmp_path / "b" / "samples_ema0.9999_restart_8step.png") as png:   # without --n: the same grid
+        assert np.array_equal(np.array(png), np.array(Image.open(tmp_path / "samples_ema0.9999_restart_8step.png")))
+    assert not list((tmp_path / "b").glob("*.npz"))
+
+
+def fake_inception(monkeypatch, extractor=FAKE_INCEPTION):
     """FID without torch-fidelity's weights: per-channel means and standard deviations as features."""
-    monkeypatch.setattr(train_cifar, "fid_setup", lambda: None)
-    monkeypatch.setattr(train_cifar, "fid_feature_extractor",
-                        lambda device: lambda x: torch.cat([x.float().mean((2, 3)), x.float().std((2, 3))], 1))
+    monkeypatch.setattr(train_cifar, "fid_setup", lambda say=print: None)
+    monkeypatch.setattr(train_cifar, "fid_feature_extractor", lambda device: extractor)
+
+
+def test_fid_from_summed_feature_moments_equals_torch_fidelitys_and_the_reference_is_cached_per_extractor(
+        tmp_path, monkeypatch):
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    g, env = torch.Generator().manual_seed(0), train_cifar.Env()
+    fake, real = (torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g) for n in (37, 50))
+    fake_inception(monkeypatch)
+    ours = train_cifar.fid_statistics(fake, FAKE_INCEPTION, env, batch=10)
+    theirs = fid_features_to_statistics(FAKE_INCEPTION.fn(fake).double())   # what --fid computed before, from all
+    np.testing.assert_allclose(ours["mu"], theirs["mu"], rtol=1e-12)       # the features at once
+    np.testing.assert_allclose(ours["sigma"], theirs["sigma"], rtol=1e-9, atol=1e-12)
+    ref, n = train_cifar.fid_reference(real, str(tmp_path), env)
+    fid = fid_statistics_to_metric(ours, ref, verbose=False)["frechet_inception_distance"]
+    want = fid_statistics_to_metric(theirs, fid_features_to_statistics(FAKE_INCEPTION.fn(real).double()), False)
+    assert n == 50 and fid == pytest.approx(want["frechet_inception_distance"], rel=1e-9) and fid > 0
+    [cached] = tmp_path.glob("fid_reference_*.npz")
+    fake_inception(monkeypatch, FAKE_INCEPTION._replace(fn=lambda x: pytest.fail("recomputed a cached reference")))
+    again, _ = train_cifar.fid_reference(real, str(tmp_path), env)
+    np.testing.assert_array_equal(again["sigma"], ref["sigma"])
+    fake_inception(monkeypatch, FAKE_INCEPTION._replace(name="another extractor"))   # another network: another file
+    train_cifar.fid_reference(real, str(tmp_path), env)
+    assert len(list(tmp_path.glob("fid_reference_*.npz"))) == 2 and cached.exists()
 
 
 def test_fid_during_training_and_fid_mode_score_the_slowest_ema_by_default(tmp_path, monkeypatch, capsys):
     write_cifar_python(tmp_path / "data" / "cifar-10-batches-py")
     fake_inception(monkeypatch)
-    train_cifar.main(TINY_NET + ["--data-dir", str(tmp_path / "data"), "--run-dir", str(tmp_path / "r"),
-                                 "--max-steps", "2", "--fid-every", "2", "--fid-n", "6", "--ema", "0.5,0.9"])
-    fid = [r for r in read_log(tmp_path / "r") if "fid_1step" in r]
-    assert len(fid) == 1 and fid[0]["step"] == 2 and fid[0]["fid_model"] == "ema0.9"
-    assert fid[0]["fid_1step"] > 0 and fid[0]["fid_2step"] > 0 and fid[0]["fid_1step"] != fid[0]["fid_2step"]
-    assert "FID (6 samples): 6 pushforward samples vs 10 training images" in fid[0]["fid_protocol"]
-    assert f"step 2 | FID of the EMA 0.9: 1 step {fid[0]['fid_1step']:.2f}" in capsys.readouterr().out
-    train_cifar.main(["--fid", str(tmp_path / "r"), "--data-dir", str(tmp_path / "data"), "--fid-n", "6"])
-    lines = (tmp_path / "r" / "fid.txt").read_text().splitlines()   # the same samples: the same numbers
-    assert lines[0].startswith(f"1-step FID {fid[0]['fid_1step']:.3f} (ema0.9)  [FID (6 samples)")
-    assert lines[1].startswith(f"2-step FID {fid[0]['fid_2step']:.3f} (ema0.9)") and lines[1] in capsys.readouterr().out
+    train_cifar.main(TINY_NET + ["--data-dir", str(tmp_path / "data"), "--run-dir", str(tmp_path / "r"), "--seed", "3",
+                                 "--max-steps", "2", "--fid-every", "2", "--n", "6", "--ema", "0.5,0.9", "--steps", "1,3",
+                                 "--sampler", "restart"])
+    [fid] = [r for r in read_log(tmp_path / "r") if "fid_model" in r]
+    one, three = fid["fid_restart_1step"], fid["fid_restart_3step"]
+    assert fid["step"] == 2 and fid["fid_model"] == "ema0.9" and one > 0 and three > 0 and one != three
+    assert "FID (6 samples): 6 samples vs 10 training images" in fid["fid_protocol"]
+    assert f"step 2 | FID of the EMA 0.9: 1-step restart {one:.2f} | 3-step restart {three:.2f}" in \
+        capsys.readouterr().out
+    train_cifar.main(["--fid", str(tmp_path / "r"), "--data-dir", str(tmp_path / "data"), "--n", "6", "--steps", "1,3",
+                      "--sampler", "restart"])   # the run's seed, 3: the same samples, the same numbers
+    lines = (tmp_path / "r" / "fid.txt").read_text().splitlines()
+    assert lines[0].startswith(f"1-step restart FID {one:.3f} (ema0.9)  [FID (6 samples)")
+    assert lines[1].startswith(f"3-step restart FID {three:.3f} (ema0.9)") and lines[1] in capsys.readouterr().out
 
 
 def test_fid_without_inception_weights_names_the_file_and_training_goes_on(tmp_path, monkeypatch, capsys):
@@ -1664,6 +1724,16 @@ def test_fid_without_inception_weights_names_the_file_and_training_goes_on(tmp_p
         return
     place = tmp_path / "torch_home" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
     assert inception.URL_INCEPTION_V3 in str(e.value) and f"place it at {place}" in str(e.value)
+    place.write_bytes(b"an interrupted download")   # a file whose SHA-256 does not start as its name says
+    with pytest.raises(SystemExit, match=f"{re.escape(str(place))} is not torch-fidelity's Inception weights "
+                                         r"\(SHA-256 [0-9a-f]{8}\.\.\., expected 6726825d\.\.\.\): delete it"):
+        train_cifar.fid_setup()
+
+
+def test_speed_figures_leave_out_the_time_of_checkpoints_grids_and_fid(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_cifar, "save_grids", lambda *a: time.sleep(3))   # a slow evaluation at every step
+    train_tiny(tmp_path, "--max-steps", "3", "--ckpt-every", "1")
+    assert all(r["img_s"] > 8 / 3 for r in read_log(tmp_path)[1:]), read_log(tmp_path)   # a step takes < 3 s
 
 
 def test_sampling_an_official_checkpoint_that_cannot_be_had_is_one_line(tmp_path, monkeypatch):

@@ -34,15 +34,17 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from imm import (ArgParser, DDPMpp, IMMConfig, IMMModel, Times, ema_update, fm_loss, imm_loss, int_at_least,
-                 prior_sample, pushforward_sample, sample_times, timesteps)
+                 prior_sample, pushforward_sample, restart_sample, sample_times, timesteps)
 
 # -----------------------------------------------------------------------------------------------
 # 1. Config: the paper's CIFAR-10 recipe (imm.IMMConfig.cifar()) as defaults, every value settable on the command
@@ -122,8 +124,17 @@ def get_parser():
     pos, nonneg = int_at_least(1), int_at_least(0)
     model_help = ("a checkpoint, a run folder, or 'official' (the released model; a path or URL of that file also "
                   "works)")
-    a("--sample", metavar="MODEL", help=f"write 1- and 2-step sample grids of MODEL, then exit: {model_help}")
-    a("--fid", metavar="MODEL", help="FID of MODEL's 1- and 2-step samples against CIFAR-10 train, then exit")
+    a("--sample", metavar="MODEL", help=f"write a grid of MODEL's samples per --steps (and with --n, the samples as "
+      f"npz), then exit: {model_help}")
+    a("--fid", metavar="MODEL", help="FID of MODEL's samples per --steps against the training images, then exit")
+    # sampling: --sample, --fid, and a run's grids and --fid-every
+    a("--steps", type=number_list(int), default="1,2", help="sampling steps, a list: 1 and 2 use the official CIFAR-10 "
+      "time lists ([T, t_min] and [T, eta^-1(1.4), t_min]); more steps are uniform in t (Eq. 117), as in the paper's "
+      "multi-step results (Table 2, Fig. 6). Flow matching: Euler steps, uniform in t")
+    a("--sampler", choices=["pushforward", "restart"], default="pushforward",
+      help="pushforward (Algorithm 2: t_i -> t_i+1) or restart (Algorithm 5: t_i -> t_min, re-noised to t_i+1)")
+    a("--n", type=pos, help="samples per step count: --sample also writes them as samples_*.npz (uint8 [N, 32, 32, "
+      "3], key arr_0); FID (--fid, --fid-every) uses this many (default 50000)")
     # data
     a("--data-dir", default="./data", help="CIFAR-10 root (holds cifar-10-batches-py), that folder itself, or a folder "
       "of 32x32 images; a new or empty folder gets CIFAR-10 downloaded into it")
@@ -158,12 +169,13 @@ def get_parser():
       "the checkpoint with a warm-up min(rate, (1 + n) / (10 + n)) at step n; grids and --fid-every use the slowest. "
       "With --sample/--fid: the checkpoint's EMA to use (default: the slowest; 0: the live weights)")
     a("--max-steps", type=pos, default=400_000, help="stop after this many optimiser steps")
-    a("--precision", choices=list(PRECISIONS), default="bf16",
-      help="network arithmetic, fp32 master weights always: fp32 (strict), tf32 (fp32 with TF32 tensor cores, the "
-           "paper's), bf16 or fp16 autocast (fp16 with loss scaling). CPU: always fp32")
+    a("--precision", choices=list(PRECISIONS), help="network arithmetic, fp32 master weights always: fp32 (strict), "
+      "tf32 (fp32 with TF32 tensor cores, the paper's), bf16 (default) or fp16 autocast (fp16 with loss scaling). CPU: "
+      "always fp32. --sample/--fid: the run's TF32 switches (the network samples in fp32)")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model and keep it in "
       "channels_last (default: on with CUDA, off on CPU; the first steps then take ~3 min)")
-    a("--seed", type=int, default=0, help="seed of the initialisation and of all random draws")
+    a("--seed", type=int, help="seed of the initialisation and of all random draws (default 0; --sample/--fid: the "
+      "run's)")
     # the run folder: logs, grids, checkpoints, FID
     a("--run-dir", default="", help="folder for logs, grids and checkpoints (default: runs/<date-time>, or the resumed "
       "run's folder); a folder that already holds a run is only continued with --resume")
@@ -172,17 +184,19 @@ def get_parser():
       "except those typed again; its network, method, EMA rates and seed cannot change")
     a("--log-every", type=pos, default=100, help="print and append to log.jsonl every this many steps (also checks "
       "that the loss is finite)")
-    a("--ckpt-every", type=pos, default=10_000, help="write ckpt.pt and 1- and 2-step sample grids this often")
-    a("--fid-every", type=nonneg, default=0, help="FID of the slowest EMA at 1 and 2 steps every this many steps, "
-      "against the training images, to log.jsonl and the console (0 = never)")
-    a("--fid-n", type=pos, default=50_000, help="generated images per FID (--fid and --fid-every)")
+    a("--ckpt-every", type=pos, default=10_000, help="write ckpt.pt and sample grids (--steps) this often")
+    a("--fid-every", type=nonneg, default=0, help="FID of the slowest EMA at --steps every this many steps, against "
+      "the training images, to log.jsonl and the console (0 = never)")
     a("--bench", type=nonneg, default=0, metavar="N", help="time N training steps on fake data after warm-up: img/s, "
       "ms/step, MFU, peak memory and the top GPU kernels, then exit; writes no run folder")
     return p
 
 
+def ints(text):   # '2,2,2' -> (2, 2, 2)
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
 def net_kwargs(args):   # DDPMpp's arguments
-    ints = lambda s: tuple(int(v) for v in s.split(",") if v.strip())   # noqa: E731
     return dict(model_channels=args.channels, channel_mult=ints(args.channel_mult), num_blocks=args.num_blocks,
                 attn_resolutions=ints(args.attn), dropout=args.dropout, augment_dim=9 if args.augment else 0)
 
@@ -197,9 +211,15 @@ def shown(value):   # an option's value as typed: 0.999,0.9999 rather than (0.99
 
 
 # A run folder holds log.jsonl, args.json, the grids and ckpt.pt; a resumed run's options come from its checkpoint.
+def write_atomically(path, write):
+    """write(file) into path + '.tmp', then rename it to path: a crash mid-write never leaves a broken file there."""
+    with open(path + ".tmp", "wb") as f:
+        write(f)
+    os.replace(path + ".tmp", path)
+
+
 def save_checkpoint(path, state):
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)   # atomic: a crash mid-write never leaves a broken ckpt.pt
+    write_atomically(path, lambda f: torch.save(state, f))
 
 
 def run_files(run_dir):   # the files that make a folder a run
@@ -261,8 +281,8 @@ def parse_args(argv=None):
     parser.set_defaults(**saved)
     args = parser.parse_args(argv)
     changed = [(k, v, getattr(args, k)) for k, v in saved.items() if getattr(args, k) != v]
-    if not (args.sample or args.fid):
-        args.ema = args.ema or (0.9999,)
+    if not (args.sample or args.fid):   # --sample/--fid take these from the run they sample (evaluate)
+        args.ema, args.seed, args.precision = args.ema or (0.9999,), args.seed or 0, args.precision or "bf16"
     if ckpt:
         fixed = [k for k, _, _ in changed
                  if k in FIXED_OPTIONS or (k == "augment" and net_kwargs(args) != ckpt["net"])]
@@ -273,15 +293,24 @@ def parse_args(argv=None):
     return args, ckpt, path, changed
 
 
+def check_sampler(sampler, flow_matching):
+    if sampler == "restart" and flow_matching:
+        raise SystemExit("--sampler restart: a flow-matching model samples with Euler steps; restart sampling "
+                         "(Algorithm 5) jumps to t_min in one call, which only an IMM model can do")
+
+
 def check_args(args, world):
     """Impossible combinations end the run here, before any data or model is touched (ranges are argparse's).
     Returns (per-process batch, micro-batch)."""
     if args.sample and args.fid:
         raise SystemExit("choose one of --sample and --fid")
+    if args.n and not (args.sample or args.fid or args.fid_every):
+        raise SystemExit("--n is the number of samples of --sample, --fid or --fid-every: use it with one of them")
     if args.sample or args.fid:
         if args.ema and len(args.ema) > 1:
             raise SystemExit("--sample and --fid use one model: give one EMA rate (0: the live weights)")
         return None, None
+    check_sampler(args.sampler, args.loss == "fm")
     if args.batch % world:
         raise SystemExit(f"--batch {args.batch} is not divisible by the {world} processes")
     per_rank = args.batch // world
@@ -735,23 +764,24 @@ def load_official(path_or_url=OFFICIAL_CIFAR10_URL, cache_dir=None):
 
 
 def load_model(source, rate=None):
-    """(model, name, folder) for --sample/--fid: 'official', an official pickle (path or URL), or one of our
-    checkpoints (a file or a run folder) with its EMA of decay `rate`."""
+    """(model, name, folder, the run's options) for --sample/--fid: 'official', an official pickle (path or URL), or
+    one of our checkpoints (a file or a run folder) with its EMA of decay `rate`."""
     official = source == "official" or "://" in source
     if not official and os.path.isfile(source):
         with open(source, "rb") as f:
             official = f.read(1) == b"\x80"   # a raw pickle; ours are zip archives
     if official:
         try:
-            return load_official(OFFICIAL_CIFAR10_URL if source == "official" else source)[0], "official", "out"
+            model = load_official(OFFICIAL_CIFAR10_URL if source == "official" else source)[0]
+            return model, "official", "out", dict(precision="tf32")   # the paper trained and sampled in TF32
         except (OSError, ValueError, pickle.UnpicklingError) as e:   # offline, missing or not an official checkpoint
             raise SystemExit(f"cannot load the official checkpoint {source} ({type(e).__name__}: {e}); offline, "
                              f"download {OFFICIAL_CIFAR10_URL} elsewhere and pass its path")
     path = find_checkpoint(source)
     if path is None:
         raise SystemExit("--sample/--fid auto: no runs/*/ckpt.pt found")
-    model, name = model_from_checkpoint(load_checkpoint(path), rate)
-    return model, name, os.path.dirname(path)
+    ckpt = load_checkpoint(path)
+    return (*model_from_checkpoint(ckpt, rate), os.path.dirname(path), ckpt["args"])
 
 
 # -----------------------------------------------------------------------------------------------
@@ -775,115 +805,170 @@ def save_image_grid(images, path, nrow=None):
     Image.fromarray(grid.squeeze(-1).numpy() if C == 1 else grid.numpy()).save(path)
 
 
-def cifar_timesteps(steps, cfg):
-    """The sampler's times: IMM's CIFAR-10 lists (official configs: 1 step [T, t_min]; 2 steps [T, eta^-1(1.4),
-    t_min]), or for the flow-matching baseline (f-type euler_fm) Euler steps on uniform times."""
-    if cfg.f_type == "euler_fm":
-        return timesteps(steps, "uniform", cfg)
-    if steps not in (1, 2):
-        raise ValueError(f"IMM on CIFAR-10 samples with 1 or 2 steps (the official lists), got {steps}; for other "
-                         f"lists call imm.timesteps() and imm.pushforward_sample() directly")
-    return timesteps(steps, "eta", cfg, mid_eta=(1.4,)[:steps - 1])
+def sampling_times(steps, cfg):
+    """The sampler's times T = t_0 > ... > t_steps = t_min. 1 and 2 steps: the official CIFAR-10 lists (its configs:
+    [T, t_min] and [T, eta^-1(1.4), t_min]); more steps: uniform in t (Eq. 117), the list of the paper's multi-step
+    results (ImageNet, Table 2: pushforward on uniform times was the best of Fig. 6's four samplers), as the official
+    ImageNet configs. Flow matching (f-type euler_fm): Euler steps on uniform times."""
+    if steps <= 2 and cfg.f_type != "euler_fm":
+        return timesteps(steps, "eta", cfg, mid_eta=(1.4,)[:steps - 1])
+    return timesteps(steps, "uniform", cfg)
 
 
-def sample_images(model, n, steps=2, seed=0, batch=500, rank=0, world=1):
-    """n samples as uint8 NHWC (on the CPU) with the pushforward sampler (Algorithm 2) at cifar_timesteps(steps).
-    Batch b's prior noise is seeded by (seed, b), so the images do not depend on how the batches are shared: with
-    world > 1 (called on every rank) rank r draws batches r, r + world, ... and every rank gets all n."""
-    net, device, ts = model.model, next(model.parameters()).device, cifar_timesteps(steps, model.cfg)
-    shape = (net.in_channels, net.img_resolution, net.img_resolution)
-    mine = {b: decode_images(pushforward_sample(model, prior_sample((min(batch, n - b * batch), *shape), model.cfg,
-                                                                    device, torch.Generator().manual_seed(
-                                                                        seed * 1_000_003 + b)), ts))
-            for b in range(rank, math.ceil(n / batch), world)}
-    parts = [mine]
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, mine)
-    batches = {b: x for part in parts for b, x in part.items()}
-    return torch.cat([batches[b] for b in sorted(batches)])
+def sampler_name(sampler, cfg):   # in file names and logs: a flow-matching model's pushforward steps are Euler steps
+    return "euler" if cfg.f_type == "euler_fm" else sampler
 
 
-def save_grids(model, out_dir, tag):
-    """64 samples at 1 and at 2 steps from the same prior noise (seed 0), as two PNG grids."""
-    paths = [os.path.join(out_dir, f"samples{tag}_{steps}step.png") for steps in (1, 2)]
-    for steps, path in zip((1, 2), paths):
-        save_image_grid(sample_images(model, 64, steps), path)
+def progress_bar(items, desc, show):   # rank 0's bar on a terminal; a redirected log gets one line per stage instead
+    return tqdm(items, desc=desc, unit="batch", leave=False, disable=not (show and sys.stderr.isatty()))
+
+
+SAMPLE_BATCH = 500   # images per sampler call; the noise is seeded per batch, so this is part of what a seed means
+
+
+def sample_images(model, n, steps=2, sampler="pushforward", seed=0, batch=SAMPLE_BATCH, rank=0, world=1,
+                  progress=False):
+    """n samples as uint8 NHWC on the CPU, with Algorithm 2 (pushforward) or 5 (restart) at sampling_times(steps). With
+    world > 1 (every rank calls it) only this rank's share: batches rank, rank + world, ... (gather_images joins them).
+    Batch b's prior noise comes from a generator seeded by (seed, b), restart's re-noising from a stream of its own,
+    both one row per image: an image depends only on (seed, batch, its index), so a 64-image grid is the first 64
+    images of any larger draw, and the number of ranks changes nothing."""
+    net, device, ts = model.model, next(model.parameters()).device, sampling_times(steps, model.cfg)
+    shape, out = (net.in_channels, net.img_resolution, net.img_resolution), []
+    for b in progress_bar(range(rank, math.ceil(n / batch), world), f"{steps}-step {sampler}", progress):
+        seed_b = seed * 1_000_003 + b
+        x = prior_sample((min(batch, n - b * batch), *shape), model.cfg, device, torch.Generator().manual_seed(seed_b))
+        x = (restart_sample(model, x, ts, generator=torch.Generator().manual_seed(2**63 + seed_b))
+             if sampler == "restart" else pushforward_sample(model, x, ts))
+        out.append(decode_images(x))
+    return torch.cat(out) if out else torch.empty(0, *shape[1:], shape[0], dtype=torch.uint8)
+
+
+def gather_images(mine, n, env, batch=SAMPLE_BATCH):
+    """All n images of sample_images, in order, on rank 0 from every rank's share (None on the other ranks)."""
+    if not env.ddp:
+        return mine
+    shares = [None] * env.world if env.master else None
+    dist.gather_object(mine, shares)
+    if not env.master:
+        return None
+    shares = [list(share.split(batch)) for share in shares]
+    return torch.cat([shares[b % env.world][b // env.world] for b in range(math.ceil(n / batch))])
+
+
+def save_grids(model, out_dir, tag, steps, sampler, seed):
+    """A grid of 64 samples per step count, samples<tag>_<sampler>_<steps>step.png: the first 64 images of the same
+    seed's FID samples and npz files."""
+    paths = [os.path.join(out_dir, f"samples{tag}_{sampler_name(sampler, model.cfg)}_{n}step.png") for n in steps]
+    for n, path in zip(steps, paths):
+        save_image_grid(sample_images(model, 64, n, sampler, seed), path)
     return paths
 
 
-def fid_setup():
-    """Import torch-fidelity and make sure its Inception weights are on disk, before any sample is drawn.
+def fid_setup(say=print):
+    """Import torch-fidelity and make sure its Inception weights are on disk and intact, before any sample is drawn.
     torch-fidelity fetches them with torch.hub into $TORCH_HOME/hub/checkpoints; offline that fails late and
     obscurely, so try the download here and otherwise say exactly which file to place where."""
     try:
-        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3 as url
     except ImportError:
-        raise SystemExit("--fid needs torch-fidelity: pip install torch-fidelity==0.4.0")
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
+        raise SystemExit("--fid needs torch-fidelity: pip install 'torch-fidelity>=0.4.0'")
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    prefix = os.path.basename(url).rsplit("-", 1)[1].split(".")[0]   # the file's name carries its SHA-256's start
     if not os.path.isfile(path):
+        say(f"FID: downloading torch-fidelity's Inception weights (91 MB) from {url} to {path}")
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.hub.download_url_to_file(URL_INCEPTION_V3, path, progress=False)
+            torch.hub.download_url_to_file(url, path, hash_prefix=prefix, progress=sys.stderr.isatty())
         except Exception as e:
             raise SystemExit(f"FID needs torch-fidelity's Inception weights and could not download them "
-                             f"({type(e).__name__}: {e}). On a machine with internet fetch {URL_INCEPTION_V3} "
-                             f"and place it at {path} (that is $TORCH_HOME/hub/checkpoints/"
-                             f"{os.path.basename(URL_INCEPTION_V3)})")
+                             f"({type(e).__name__}: {e}). On a machine with internet fetch {url} and place it at "
+                             f"{path} (that is $TORCH_HOME/hub/checkpoints/{os.path.basename(url)})")
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    if not digest.startswith(prefix):
+        raise SystemExit(f"{path} is not torch-fidelity's Inception weights (SHA-256 {digest[:8]}..., expected "
+                         f"{prefix}...): delete it and run again, or place the file from {url} there")
+
+
+class Extractor(NamedTuple):
+    name: str    # keys the cache of reference statistics
+    dim: int
+    fn: object   # uint8 [N, 3, H, W] on the device -> [N, dim] features
 
 
 @functools.lru_cache(maxsize=2)   # --fid-every calls it at every evaluation: load the weights once per device
 def fid_feature_extractor(device):
-    """torch-fidelity's TF-Inception (2015-12-05 weights): uint8 [N, 3, H, W] -> [N, 2048] pool features. A function
-    of its own so that tests can put a tiny extractor in its place."""
+    """torch-fidelity's TF-Inception (2015-12-05 weights) and its 2048-d pool features. A function of its own so that
+    tests can put a tiny extractor in its place."""
+    import torch_fidelity
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).to(device).eval()
-    return lambda x: net(x)[0]
+    return Extractor(f"torch-fidelity {torch_fidelity.__version__} (Inception-v3 2015-12-05 TF weights, 2048-d pool "
+                     f"features, TF1 bilinear resize to 299)", 2048, lambda x: net(x)[0])
 
 
-_REAL_FID_STATS = {}   # reference statistics per hash of the reference images: computed once per process
+def fid_statistics(images, extractor, env, progress=False, batch=250):
+    """torch-fidelity's FID statistics (mean, np.cov's unbiased covariance) of the features of every rank's uint8
+    NCHW `images`: each rank sums its features and their outer products in float64, and the ranks add up the sums
+    (all_reduce), never the images."""
+    sums = torch.zeros(1 + extractor.dim + extractor.dim ** 2, dtype=torch.float64, device=env.device)
+    with torch.no_grad():
+        for i in progress_bar(range(0, len(images), batch), "FID features", progress):
+            f = extractor.fn(images[i:i + batch].contiguous().to(env.device)).double()
+            sums += torch.cat([torch.tensor([len(f)], dtype=f.dtype, device=f.device), f.sum(0), (f.T @ f).flatten()])
+    if env.ddp:
+        dist.all_reduce(sums)
+    n, s1, s2 = sums[0], sums[1:1 + extractor.dim], sums[1 + extractor.dim:].view(extractor.dim, extractor.dim)
+    mu = s1 / n
+    return dict(mu=mu.cpu().numpy(), sigma=((s2 - n * torch.outer(mu, mu)) / (n - 1)).cpu().numpy())
 
 
-def compute_fid(fake, real, device):
-    """(FID, protocol) of uint8 NHWC samples against uint8 NCHW reference images (whose statistics are computed once
-    per process)."""
-    import torch_fidelity
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
-
-    def statistics(images, batch=250):
-        extract = fid_feature_extractor(device)
-        with torch.no_grad():
-            return fid_features_to_statistics(torch.cat([extract(images[i:i + batch].to(device)).double().cpu()
-                                                         for i in range(0, len(images), batch)]))
-    key = hashlib.sha1(real.numpy().tobytes()).hexdigest()
-    if key not in _REAL_FID_STATS:
-        _REAL_FID_STATS[key] = statistics(real)
-    fid = fid_statistics_to_metric(statistics(fake.permute(0, 3, 1, 2).contiguous()), _REAL_FID_STATS[key],
-                                   verbose=False)[KEY_METRIC_FID]
-    name = f"FID-{len(fake) // 1000}k" if len(fake) % 1000 == 0 else f"FID ({len(fake)} samples)"
-    return float(fid), (f"{name}: {len(fake)} pushforward samples vs {len(real)} training images, torch-fidelity "
-                        f"{torch_fidelity.__version__} (Inception-v3 2015-12-05 TF weights, 2048-d pool features, "
-                        f"TF1 bilinear resize to 299), images decoded as clip(x * 127.5 + 128, 0, 255) uint8")
+def fid_reference(images, data_dir, env):
+    """(statistics, count) of the training images (uint8 NCHW), computed once by every rank and cached next to them,
+    keyed by a hash of the images and the feature extractor: --fid-every and later --fid calls reuse them."""
+    extractor = fid_feature_extractor(env.device)
+    key = hashlib.sha256(images.cpu().numpy().tobytes() + extractor.name.encode()).hexdigest()[:16]
+    path = os.path.join(data_dir, f"fid_reference_{key}.npz")
+    if os.path.isfile(path):
+        with np.load(path) as f:
+            return dict(mu=f["mu"], sigma=f["sigma"]), int(f["n"])
+    env.say(f"FID: features of the {len(images)} training images, once (then cached in {path})")
+    stats = fid_statistics(images[env.rank::env.world], extractor, env, progress=env.master)
+    if env.master:
+        try:
+            write_atomically(path, lambda f: np.savez(f, n=len(images), **stats))
+        except OSError as e:
+            env.say(f"FID: could not cache the reference statistics in {path} ({e}); computing them each time")
+    return stats, len(images)
 
 
-def fid_of(model, args, env, real):
-    """{fid_1step, fid_2step, fid_protocol} of `model` on rank 0 (every rank samples its share of --fid-n)."""
-    rec = {}
-    for steps in (1, 2):
-        x = sample_images(model, args.fid_n, steps, args.seed, rank=env.rank, world=env.world)
+def fid_of(model, args, env, reference):
+    """{fid_<sampler>_<steps>step: FID, fid_protocol: text} of `model` at each of --steps: every rank samples its share
+    of --n images and extracts their features; the value is rank 0's."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+    (ref, n_ref), extractor = reference, fid_feature_extractor(env.device)
+    sampler, n, rec = sampler_name(args.sampler, model.cfg), args.n or 50_000, {}
+    for steps in ints(args.steps):
+        env.say(f"FID: {n} samples at {steps}-step {sampler} ({env.world} process(es))")
+        x = sample_images(model, n, steps, args.sampler, args.seed, rank=env.rank, world=env.world, progress=env.master)
+        stats = fid_statistics(x.permute(0, 3, 1, 2), extractor, env, progress=env.master)
         if env.master:
-            rec[f"fid_{steps}step"], rec["fid_protocol"] = compute_fid(x, real, env.device)
+            rec[f"fid_{sampler}_{steps}step"] = fid_statistics_to_metric(stats, ref, verbose=False)[KEY_METRIC_FID]
+    name = f"FID-{n // 1000}k" if n % 1000 == 0 else f"FID ({n} samples)"
+    rec["fid_protocol"] = (f"{name}: {n} samples vs {n_ref} training images, {extractor.name}, images decoded as "
+                           f"clip(x * 127.5 + 128, 0, 255) uint8")
     return rec
 
 
 def fid_during_training(args, env, data):
-    """(every, reference images) for --fid-every; (0, None) with one line, never fatal, when FID cannot be had."""
+    """(every, reference statistics) for --fid-every; (0, None) with one line, never fatal, when FID cannot be had."""
     if not args.fid_every:
         return 0, None
     reason = "--fake-data has no real images to compare with" if args.fake_data else None
     if reason is None:
         try:
-            env.rank0_first(fid_setup, local=True)
+            env.rank0_first(lambda: fid_setup(env.say), local=True)
         except SystemExit as e:
             reason = str(e)
     ok = torch.tensor(float(reason is None), device=env.device)
@@ -893,7 +978,7 @@ def fid_during_training(args, env, data):
         env.say(f"--fid-every {args.fid_every}: skipped, training goes on without it: "
                 f"{reason or 'another rank failed'}")
         return 0, None
-    return args.fid_every, data.cpu() if env.master else None
+    return args.fid_every, fid_reference(data, args.data_dir, env)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -992,26 +1077,36 @@ def progress(step, n_steps, loss, bins, seconds, args, cfg, world, mfu, device):
 # -----------------------------------------------------------------------------------------------
 
 def evaluate(args, env):
-    """--sample: 1- and 2-step grids; --fid: FID at 1 and 2 steps (every rank samples its share of the batches)."""
-    if args.fid:   # check everything FID needs before drawing 2 x 50k samples
-        env.rank0_first(fid_setup, local=True)
-        real = load_dataset(args.data_dir) if env.master else None
+    """--sample: a grid per step count, and with --n the samples as npz; --fid: the FID per step count. Every rank
+    samples its share of the batches, with the run's seed and TF32 switches unless --seed/--precision are typed."""
+    if args.fid:   # check everything FID needs before drawing any sample
+        env.rank0_first(lambda: fid_setup(env.say), local=True)
+        data = env.rank0_first(lambda: load_dataset(args.data_dir), local=True)
     rate = args.ema[0] if args.ema else None
-    model, name, out_dir = env.rank0_first(lambda: load_model(args.sample or args.fid, rate), local=True)
-    out_dir = args.run_dir or out_dir
-    model = model.to(env.device).eval()
+    model, name, out_dir, run = env.rank0_first(lambda: load_model(args.sample or args.fid, rate), local=True)
+    check_sampler(args.sampler, model.cfg.f_type == "euler_fm")
+    args.seed = run.get("seed", 0) if args.seed is None else args.seed
+    precision_setup(args.precision or run.get("precision", "bf16"), env.device.type)   # as --fid-every in the run
+    out_dir, model, sampler = args.run_dir or out_dir, model.to(env.device).eval(), sampler_name(args.sampler, model.cfg)
     os.makedirs(out_dir, exist_ok=True)
-    if args.sample:
+    if args.fid:
+        rec = fid_of(model, args, env, fid_reference(data, args.data_dir, env))
         if env.master:
-            for p in save_grids(model, out_dir, f"_{name}"):
-                print(f"wrote {p}")
-    else:
-        rec = fid_of(model, args, env, real)
-        if env.master:
-            lines = [f"{n}-step FID {rec[f'fid_{n}step']:.3f} ({name})  [{rec['fid_protocol']}]" for n in (1, 2)]
-            print("\n".join(lines))
+            lines = [f"{n}-step {sampler} FID {rec[f'fid_{sampler}_{n}step']:.3f} ({name})  [{rec['fid_protocol']}]"
+                     for n in ints(args.steps)]
+            print("\n".join(lines), flush=True)
             with open(os.path.join(out_dir, "fid.txt"), "a") as f:
                 f.write("\n".join(lines) + "\n")
+    for steps in ints(args.steps) if args.sample else ():
+        n, stem = args.n or 64, os.path.join(out_dir, f"samples_{name}_{sampler}_{steps}step")
+        env.say(f"sampling {n} images at {steps}-step {sampler} ({env.world} process(es))")
+        x = gather_images(sample_images(model, n, steps, args.sampler, args.seed, rank=env.rank, world=env.world,
+                                        progress=env.master), n, env)
+        if env.master:   # the grid shows the first 64 samples; the npz layout is what ADM's evaluator suite reads
+            save_image_grid(x[:64], stem + ".png")
+            if args.n:
+                write_atomically(f"{stem}_{n}.npz", lambda f: np.savez(f, arr_0=x.numpy()))
+            env.say(f"wrote {stem}.png" + f" and {stem}_{n}.npz" * bool(args.n))
     env.close()
 
 
@@ -1091,7 +1186,7 @@ def main(argv=None):
     if args.bench:
         bench(train, args.bench, args.batch, world, mfu, device, say)
         return env.close()
-    fid_every, real = fid_during_training(args, env, data)
+    fid_every, reference = fid_during_training(args, env, data)
     if env.master:   # a resumed run forgets the log lines written after its checkpoint (e.g. before a kill -9)
         os.makedirs(run_dir, exist_ok=True)
         truncate_log(os.path.join(run_dir, "log.jsonl"), step)
@@ -1128,6 +1223,7 @@ def main(argv=None):
                 log(rec)
                 loss_sum, n_steps, t_last = torch.zeros((), device=device), 0, time.time()
                 bins.zero_()
+            t_eval = time.time()   # checkpoints, grids and FID are not training: keep them out of img/s, mfu, eta
             if at_ckpt:   # a finite loss with non-finite weights (an inf gradient) must not overwrite a good file
                 if not all(p.isfinite().all() for p in raw_model.parameters()):   # same on every rank
                     env.stop(f"weights became non-finite by step {step}: not saved; the last good checkpoint is "
@@ -1137,13 +1233,16 @@ def main(argv=None):
                         step=step, model=raw_model.state_dict(), optimizer=opt.state_dict(),
                         ema={f"{r:g}": e.state_dict() for r, e in emas.items()}, net=net_cfg, imm=asdict(cfg),
                         scaler=scaler.state_dict() if scaler else None, args=vars(args)))
-                    save_grids(emas[slowest], run_dir, f"_{step:07d}_ema{slowest:g}")
+                    save_grids(emas[slowest], run_dir, f"_{step:07d}_ema{slowest:g}", ints(args.steps), args.sampler,
+                               args.seed)
                 last_good = os.path.join(run_dir, "ckpt.pt")
             if fid_every and step % fid_every == 0:
-                rec = dict(step=step, fid_model=f"ema{slowest:g}", **fid_of(emas[slowest], args, env, real))
-                say(f"step {step} | FID of the EMA {slowest:g}: 1 step {rec.get('fid_1step', 0):.2f} | 2 steps "
-                    f"{rec.get('fid_2step', 0):.2f} | {rec.get('fid_protocol')}")
+                rec = dict(step=step, fid_model=f"ema{slowest:g}", **fid_of(emas[slowest], args, env, reference))
+                say(f"step {step} | FID of the EMA {slowest:g}: " + " | ".join(
+                    f"{k.split('_')[2][:-4]}-step {k.split('_')[1]} {v:.2f}" for k, v in rec.items()
+                    if k.startswith("fid_") and k.endswith("step")) + f" | {rec['fid_protocol']}")
                 log(rec)
+            t_last += time.time() - t_eval
     if stop:
         say(f"stopped at step {step} by {signal.Signals(stop).name}; checkpoint {last_good}; continue with "
             f"--resume {run_dir}")
