@@ -857,12 +857,10 @@ def gather_images(mine, n, env, batch=SAMPLE_BATCH):
 
 
 def save_grids(model, out_dir, tag, steps, sampler, seed):
-    """A grid of 64 samples per step count, samples<tag>_<sampler>_<steps>step.png: the first 64 images of the same
-    seed's FID samples and npz files."""
-    paths = [os.path.join(out_dir, f"samples{tag}_{sampler_name(sampler, model.cfg)}_{n}step.png") for n in steps]
-    for n, path in zip(steps, paths):
-        save_image_grid(sample_images(model, 64, n, sampler, seed), path)
-    return paths
+    """A grid of 64 samples per step count, samples<tag>_<sampler>_<n>step.png: the first 64 of the seed's samples."""
+    for n in steps:
+        save_image_grid(sample_images(model, 64, n, sampler, seed),
+                        os.path.join(out_dir, f"samples{tag}_{sampler_name(sampler, model.cfg)}_{n}step.png"))
 
 
 def fid_setup(say=print):
@@ -873,9 +871,9 @@ def fid_setup(say=print):
         from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3 as url
     except ImportError:
         raise SystemExit("--fid needs torch-fidelity: pip install 'torch-fidelity>=0.4.0'")
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-    prefix = os.path.basename(url).rsplit("-", 1)[1].split(".")[0]   # the file's name carries its SHA-256's start
-    if not os.path.isfile(path):
+    name = os.path.basename(url)
+    path, prefix = os.path.join(torch.hub.get_dir(), "checkpoints", name), name.split("-")[-1].split(".")[0]
+    if not os.path.isfile(path):   # the file's name carries the start of its SHA-256, which the download checks
         say(f"FID: downloading torch-fidelity's Inception weights (91 MB) from {url} to {path}")
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -883,7 +881,7 @@ def fid_setup(say=print):
         except Exception as e:
             raise SystemExit(f"FID needs torch-fidelity's Inception weights and could not download them "
                              f"({type(e).__name__}: {e}). On a machine with internet fetch {url} and place it at "
-                             f"{path} (that is $TORCH_HOME/hub/checkpoints/{os.path.basename(url)})")
+                             f"{path} (that is $TORCH_HOME/hub/checkpoints/{name})")
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     if not digest.startswith(prefix):
@@ -891,10 +889,10 @@ def fid_setup(say=print):
                          f"{prefix}...): delete it and run again, or place the file from {url} there")
 
 
-class Extractor(NamedTuple):
-    name: str    # keys the cache of reference statistics
+class Extractor(NamedTuple):   # fn: uint8 [N, 3, H, W] on the device -> [N, dim] features; name keys cached statistics
+    name: str
     dim: int
-    fn: object   # uint8 [N, 3, H, W] on the device -> [N, dim] features
+    fn: object
 
 
 @functools.lru_cache(maxsize=2)   # --fid-every calls it at every evaluation: load the weights once per device
@@ -966,19 +964,17 @@ def fid_during_training(args, env, data):
     if not args.fid_every:
         return 0, None
     reason = "--fake-data has no real images to compare with" if args.fake_data else None
-    if reason is None:
-        try:
-            env.rank0_first(lambda: fid_setup(env.say), local=True)
-        except SystemExit as e:
-            reason = str(e)
+    try:
+        reason or env.rank0_first(lambda: fid_setup(env.say), local=True)
+    except SystemExit as e:
+        reason = str(e)
     ok = torch.tensor(float(reason is None), device=env.device)
     if env.ddp:   # every rank must agree: sampling for FID is collective
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if not ok.item():
-        env.say(f"--fid-every {args.fid_every}: skipped, training goes on without it: "
-                f"{reason or 'another rank failed'}")
-        return 0, None
-    return args.fid_every, fid_reference(data, args.data_dir, env)
+    if ok.item():
+        return args.fid_every, fid_reference(data, args.data_dir, env)
+    env.say(f"--fid-every {args.fid_every}: skipped, training goes on without it: {reason or 'another rank failed'}")
+    return 0, None
 
 
 # -----------------------------------------------------------------------------------------------
