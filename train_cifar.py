@@ -4,8 +4,8 @@ at a model (--sample) and measure it (--fid).
   python train_cifar.py                                   # one process, GPU or CPU
   torchrun --nproc_per_node=8 train_cifar.py              # DDP on 8 GPUs (several nodes: torchrun's rendezvous)
   python train_cifar.py --resume runs/X                   # continue a run exactly, with all of its options
-  python train_cifar.py --sample runs/X                   # 1- and 2-step sample grids of its slowest EMA
-  torchrun --nproc_per_node=8 train_cifar.py --fid official   # FID-50k of the released checkpoint
+  python train_cifar.py --sample runs/X --steps 1,2,4,8   # sample grids of its slowest EMA (--n N: N samples as npz)
+  torchrun --nproc_per_node=8 train_cifar.py --fid official   # FID-50k of the released checkpoint at 1 and 2 steps
 
 The file reads top to bottom: 1. config (options, run folders, checkpoint files), 2. processes (DDP, stop signals),
 3. data and augmentation, 4. models from checkpoints and the official checkpoint's safe reader, 5. sampling and FID,
