@@ -40,8 +40,9 @@ import train_cifar
 from imm import IMMConfig, IMMModel
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
-# Tests that start processes or run the notebook are marked slow: `python -m pytest -q -m "not slow"` skips them for a
-# quick check; CI runs everything. (The marker is this file's own; the filter keeps pytest from warning about it.)
+# Tests that take more than ~10 s (most that start processes, the notebook) are marked slow: `python -m pytest -q -m
+# "not slow"` skips them for a quick check; CI runs everything. (The marker is this file's own; the filter keeps pytest
+# from warning about it.)
 warnings.filterwarnings("ignore", "Unknown pytest.mark.slow", pytest.PytestUnknownMarkWarning)
 slow = pytest.mark.slow
 SCHEDULES = ("fm", "vp_cosine")
@@ -1946,6 +1947,11 @@ def test_target_difference_survives_every_precision_mode_at_the_default_gap_and_
     assert max(target_difference_errors("fp32", IMMConfig()).values()) < DIRECTION_BOUND   # fp32 needs no gap
     bf16_no_gap = target_difference_errors("bf16", IMMConfig())
     assert bf16_no_gap[PRECISION_TS[-1]] > DIRECTION_BOUND, bf16_no_gap   # the check can fail: bf16 needs the gap
+
+
+def test_every_test_the_readme_names_exists():
+    named = set(re.findall(r"`(test_\w+?)(?:\.\.\.)?`", Path(HERE, "README.md").read_text()))
+    assert len(named) >= 12 and all(any(t.startswith(n) for t in globals()) for n in named), named - set(globals())
 
 
 def test_the_readmes_code_map_points_at_the_right_lines_of_imm_py():

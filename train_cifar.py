@@ -1193,7 +1193,7 @@ def main(argv=None):
                 halt(write_failed(run_dir, e), resume=True)
 
     # Training loop
-    loss_sum, n_steps, t_last, last_good = torch.zeros((), device=device), 0, time.time(), ckpt and ckpt_path
+    loss_sum, n_steps, t_last, last_good = torch.zeros((), device=device), 0, time.time(), ckpt_path if ckpt else None
     slowest, stop, pending = max(emas), 0, []   # slowest: the EMA of grids and FID; stop: a signal's number
     bins = torch.zeros(3, N_TIME_BINS, dtype=torch.float64, device=device)
     with StopSignals() as signals:   # Ctrl-C and SIGTERM end the loop after a step, with a checkpoint
