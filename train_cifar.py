@@ -176,9 +176,9 @@ def get_parser():
     # the run folder: logs, grids, checkpoints, FID
     a("--run-dir", default="", help="folder for logs, grids and checkpoints (default: runs/<date-time>, or the resumed "
       "run's folder); a folder that already holds a run is only continued with --resume")
-    a("--resume", default="", help="checkpoint file or run folder to continue from, or 'auto' (--run-dir's ckpt.pt, "
-      "else the newest runs/*/ckpt.pt; none found: start afresh). The run keeps every option of the checkpoint "
-      "except those typed again; its network, method, EMA rates and seed cannot change")
+    a("--resume", default="", help="checkpoint file or run folder to continue from (its ckpt.pt, else ckpt.prev.pt; "
+      "none yet: step 0 with its args.json), or 'auto' (--run-dir's, else the newest runs/*; none: start afresh). "
+      "The run keeps its options except those typed again; its network, method, EMA rates and seed cannot change")
     a("--log-every", type=pos, default=100, help="print and append to log.jsonl every this many steps (also checks "
       "that the loss is finite)")
     a("--ckpt-every", type=pos, default=10_000, help="write ckpt.pt and 1- and 2-step sample grids this often")
@@ -215,9 +215,9 @@ def write_atomically(path, write, keep=None):   # keep: where the file it replac
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        except BaseException:   # a full disk, a file-size limit: no partial file stays to fill the disk
+        except BaseException as e:   # a full disk, a file-size limit: no partial file stays to fill the disk
             os.remove(f.name)
-            raise
+            raise e.__context__ if isinstance(e.__context__, OSError) else e   # torch.save wraps it in a RuntimeError
     if keep and os.path.exists(path):
         os.replace(path, keep)
     os.replace(path + ".tmp", path)
@@ -226,11 +226,10 @@ def write_atomically(path, write, keep=None):   # keep: where the file it replac
 
 
 def write_failed(folder, e):   # a failed write in one line: why, and the space left on the folder's disk
-    e = e.__context__ if isinstance(e.__context__, OSError) else e   # torch.save reports it as a RuntimeError
     disk = os.path.abspath(folder)
     while not os.path.ismount(disk):
         disk = os.path.dirname(disk)
-    return (f"cannot write to {folder} ({getattr(e, 'strerror', None) or e}; "
+    return (f"cannot write to {folder} ({e.strerror or e}; "
             f"{shutil.disk_usage(disk).free / 2**20:,.0f} MiB free on {disk})")
 
 
@@ -247,7 +246,8 @@ def open_run_dir(run_dir, args, step):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         lock.truncate(0)
         print(f"pid {os.getpid()} on {os.uname().nodename}", file=lock, flush=True)   # what a refused process names
-        write_atomically(os.path.join(run_dir, "args.json"), lambda f: f.write(json.dumps(vars(args)).encode()))
+        write_atomically(os.path.join(run_dir, "args.json"),
+                         lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
         truncate_log(os.path.join(run_dir, "log.jsonl"), step)
         return lock
     except BlockingIOError:   # the flock is held
@@ -323,8 +323,7 @@ def parse_args(argv=None):
     the run's options; typed options win. `changed`: [(name, saved, now)] for the options typed again."""
     parser = get_parser()
     args = parser.parse_args(argv)
-    ckpt = path = None
-    saved, note = {}, ""
+    ckpt, path, saved, note = None, None, {}, ""
     if args.resume and not (args.sample or args.fid):
         path, ckpt, note = find_checkpoint(args.resume, args.run_dir)
         saved = ckpt["args"] if ckpt else {}
@@ -1227,7 +1226,7 @@ def main(argv=None):
                         save_grids(emas[slowest], run_dir, f"_{step:07d}_ema{slowest:g}")
                         write_atomically(ckpt_file, lambda f: torch.save(state, f),
                                          os.path.join(run_dir, "ckpt.prev.pt") if last_good == ckpt_file else None)
-                    except (OSError, RuntimeError) as e:   # torch.save reports a failed write as a RuntimeError
+                    except OSError as e:
                         halt(write_failed(run_dir, e), resume=True)
                 last_good = ckpt_file
             if fid_every and step % fid_every == 0:
@@ -1235,13 +1234,12 @@ def main(argv=None):
                 say(f"step {step} | FID of the EMA {slowest:g}: 1 step {rec.get('fid_1step', 0):.2f} | 2 steps "
                     f"{rec.get('fid_2step', 0):.2f} | {rec.get('fid_protocol')}")
                 log(rec)
+    env.close()
     if stop and step < args.max_steps:   # a stop during the last step finishes the run
         say(f"stopped at step {step} by {signal.Signals(stop).name}; checkpoint {last_good}; continue with "
             f"--resume {run_dir}")
-        env.close()
         raise SystemExit(128 + stop)
     say(f"done: {step} steps, checkpoint {last_good}")
-    env.close()
 
 
 if __name__ == "__main__":
