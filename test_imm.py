@@ -1471,7 +1471,7 @@ def test_a_second_process_on_a_run_folder_is_refused_naming_the_holder_and_a_kil
         proc.kill()   # kill -9: its lock goes with it
         proc.wait()
     assert f"{run} is in use by another training process (pid {proc.pid} on {os.uname().nodename})" in one_line(e)
-    step = load_ckpt(run / "ckpt.pt")["step"]
+    step = train_cifar.find_checkpoint(str(run))[1]["step"]   # (ckpt.pt, or ckpt.prev.pt if killed between renames)
     train_cifar.main(["--resume", str(run), "--max-steps", str(step + 1)])
     assert load_ckpt(run / "ckpt.pt")["step"] == step + 1 and [r["step"] for r in read_log(run)] == list(
         range(1, step + 2))
@@ -1550,7 +1550,10 @@ def test_a_read_only_run_folder_is_refused_in_one_line_before_the_model_is_built
     assert f"cannot write to {run} (Permission denied;" in one_line(e) and "writable" in one_line(e)
 
 
-def caught_signals(pid):   # the stop signals process `pid` has handlers for (Linux: SigCgt in /proc/PID/status)
+def caught_signals(pid):   # the stop signals that process `pid` running train_cifar.py handles (Linux: /proc/PID)
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        if b"train_cifar.py" not in f.read():   # not yet exec'd: still a copy of this process
+            return set()
     with open(f"/proc/{pid}/status") as f:
         mask = int(next(line for line in f if line.startswith("SigCgt:")).split()[1], 16)
     return {s for s in (signal.SIGINT, signal.SIGTERM) if mask >> (s - 1) & 1}
