@@ -4,6 +4,8 @@ re-computation)."""
 import builtins
 import contextlib
 import copy
+import errno
+import gc
 import importlib
 import inspect
 import io
@@ -13,6 +15,7 @@ import mimetypes  # noqa: F401  (urllib's file:// handler imports it lazily; imp
 import os
 import pickle
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -37,8 +40,9 @@ import train_cifar
 from imm import IMMConfig, IMMModel
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
-# Tests that start processes or run the notebook are marked slow: `python -m pytest -q -m "not slow"` skips them for a
-# quick check; CI runs everything. (The marker is this file's own; the filter keeps pytest from warning about it.)
+# Tests that take more than ~10 s (most that start processes, the notebook) are marked slow: `python -m pytest -q -m
+# "not slow"` skips them for a quick check; CI runs everything. (The marker is this file's own; the filter keeps pytest
+# from warning about it.)
 warnings.filterwarnings("ignore", "Unknown pytest.mark.slow", pytest.PytestUnknownMarkWarning)
 slow = pytest.mark.slow
 SCHEDULES = ("fm", "vp_cosine")
@@ -1403,6 +1407,212 @@ def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step_and_errors_pri
 
 
 # ---------------------------------------------------------------------------------------------
+# What a cluster does to a run: full disks, two jobs on one folder, damaged files, signals at start-up, power loss
+# ---------------------------------------------------------------------------------------------
+
+def one_line(excinfo):   # the message of a one-line error
+    text = str(excinfo.value)
+    assert "\n" not in text and "Traceback" not in text, text
+    return text
+
+
+@contextlib.contextmanager
+def file_size_limit(n_bytes):
+    """ulimit -f: a write past n_bytes fails for real (EFBIG, after writing up to the limit), like a full disk."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_a_full_disk_at_checkpoint_time_stops_in_one_line_keeps_the_last_checkpoint_and_resumes(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train_tiny(run, "--max-steps", "2")
+    good = (run / "ckpt.pt").read_bytes()
+
+    def full_disk(obj, f):   # the disk fills up 4 KiB into the file
+        f.write(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit) as full:
+        train_tiny(run, "--resume", "auto", "--max-steps", "3")
+    monkeypatch.undo()
+    with file_size_limit(len(good) // 2), pytest.raises(SystemExit) as limit:   # a real partial file
+        train_tiny(run, "--resume", "auto", "--max-steps", "3")
+    for e, reason in ((full, "No space left on device"), (limit, "File too large")):
+        text = one_line(e)
+        assert re.search(re.escape(f"cannot write to {run} ({reason};") + r" [\d,]+ MiB free on /", text)
+        assert f"the last good checkpoint is {run / 'ckpt.pt'}" in text and f"--resume {run}" in text, text
+    assert not list(run.glob("*.tmp")) and (run / "ckpt.pt").read_bytes() == good
+    train_tiny(run, "--resume", "auto", "--max-steps", "3")   # once there is space again
+    train_tiny(tmp_path / "full", "--max-steps", "3")
+    assert_same_training(run, tmp_path / "full", exact=True)
+
+
+def test_a_write_that_fails_mid_log_line_stops_in_one_line_and_resume_cuts_the_torn_line(tmp_path, capsys):
+    run, full = tmp_path / "run", tmp_path / "full"
+    train_tiny(run, "--max-steps", "3")
+    size = (run / "log.jsonl").stat().st_size
+    with file_size_limit(size + 100), pytest.raises(SystemExit) as e:   # the next line is torn after 100 bytes
+        train_tiny(run, "--resume", "auto", "--max-steps", "5")
+    text = one_line(e)
+    assert f"cannot write to {run} (File too large;" in text and f"--resume {run}" in text, text
+    assert f"the last good checkpoint is {run / 'ckpt.pt'}" in text and (run / "log.jsonl").stat().st_size == size + 100
+    capsys.readouterr()
+    train_cifar.main(["--resume", str(run), "--max-steps", "5"])
+    assert f"{run / 'log.jsonl'}: cut 1 line(s) written after step 3, the last one torn" in capsys.readouterr().out
+    train_tiny(full, "--max-steps", "5")
+    assert_same_training(run, full, exact=True)
+
+
+def test_a_second_process_on_a_run_folder_is_refused_naming_the_holder_and_a_kill_9_leaves_no_stale_lock(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(SCRIPT_DIR / "train_cifar.py"), *TINY_NET, "--fake-data", "--max-steps", "100000",
+           "--ckpt-every", "1", "--run-dir", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 2 |"):
+                break
+        with pytest.raises(SystemExit) as e:   # a scheduler's requeue while the first job still trains
+            train_cifar.main(["--resume", str(run), "--max-steps", "40"])
+    finally:
+        proc.kill()   # kill -9: its lock goes with it
+        proc.wait()
+    assert f"{run} is in use by another training process (pid {proc.pid} on {os.uname().nodename})" in one_line(e)
+    step = train_cifar.find_checkpoint(str(run))[1]["step"]   # (ckpt.pt, or ckpt.prev.pt if killed between renames)
+    train_cifar.main(["--resume", str(run), "--max-steps", str(step + 1)])
+    assert load_ckpt(run / "ckpt.pt")["step"] == step + 1 and [r["step"] for r in read_log(run)] == list(
+        range(1, step + 2))
+
+
+def test_a_damaged_or_missing_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
+    run, full = tmp_path / "run", tmp_path / "full"
+    train_tiny(run, "--max-steps", "3", "--ckpt-every", "2")
+    train_tiny(full, "--max-steps", "4")
+    assert load_ckpt(run / "ckpt.prev.pt")["step"] == 2
+    for damage, why in (("cut in half", "cannot be read as a checkpoint"), ("deleted", "no checkpoint at")):
+        newest = (run / "ckpt.pt").read_bytes()
+        if damage == "deleted":
+            (run / "ckpt.pt").unlink()
+        else:
+            (run / "ckpt.pt").write_bytes(newest[:len(newest) // 2])
+        capsys.readouterr()
+        train_cifar.main(["--resume", str(run), "--max-steps", "4"])
+        line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("resumed from"))
+        assert line.startswith(f"resumed from {run / 'ckpt.prev.pt'} at step 2 (") and why in line, line
+        assert_same_training(run, full, exact=True)
+        assert load_ckpt(run / "ckpt.prev.pt")["step"] == 2   # the damaged file never pushes the good one out
+
+
+def test_a_kill_while_grids_are_drawn_loses_no_grid(tmp_path, monkeypatch):
+    class Killed(BaseException):   # stands for kill -9: nothing catches it
+        pass
+
+    def killed_at_step_2(model, out_dir, tag, *args):
+        if "_0000002_" in tag:
+            raise Killed
+        return save_grids(model, out_dir, tag, *args)
+    save_grids = train_cifar.save_grids
+    monkeypatch.setattr(train_cifar, "save_grids", killed_at_step_2)
+    with pytest.raises(Killed):
+        train_tiny(tmp_path, "--max-steps", "2", "--ckpt-every", "1")
+    gc.collect()   # the dead run's lock, which the OS releases when a process dies
+    monkeypatch.undo()
+    train_cifar.main(["--resume", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        f"samples_000000{n}_ema0.9999_pushforward_{k}step.png" for n in (1, 2) for k in (1, 2)]
+
+
+def test_a_run_killed_before_its_first_checkpoint_continues_with_resume_and_no_log_is_cut_silently(tmp_path, capsys):
+    run, full = tmp_path / "run", tmp_path / "full"
+    train_tiny(full, "--max-steps", "3", "--batch", "16")
+    for argv in (["--resume", str(run)], ["--resume", "auto", "--run-dir", str(run)]):
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(full, run)
+        (run / "ckpt.pt").unlink()   # as a kill before the first checkpoint leaves the folder
+        with pytest.raises(SystemExit, match=f"{run} already holds a run .*: continue it with --resume {run}"):
+            train_tiny(run, "--max-steps", "3")
+        capsys.readouterr()
+        train_cifar.main(argv + ["--max-steps", "3"])   # its options come from its args.json
+        out = capsys.readouterr().out
+        assert f"{run / 'log.jsonl'}: cut 3 line(s) written after step 0" in out and "batch 16 = " in out, out
+        assert_same_training(run, full, exact=True)
+
+
+def test_a_read_only_run_folder_is_refused_in_one_line_before_the_model_is_built(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train_tiny(run, "--max-steps", "1")
+
+    def read_only(path, mode="r", *a, **k):   # as for a user without write access (root may write anyway)
+        if str(path).startswith(str(run)) and set(mode) & set("wax+"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return open(path, mode, *a, **k)
+    monkeypatch.setattr(train_cifar, "open", read_only, raising=False)
+    monkeypatch.setattr(train_cifar, "IMMModel", lambda *a, **k: pytest.fail("the model was built"))
+    run.chmod(0o555)
+    try:
+        with pytest.raises(SystemExit) as e:
+            train_cifar.main(["--resume", str(run), "--max-steps", "2"])
+    finally:
+        run.chmod(0o755)
+    assert f"cannot write to {run} (Permission denied;" in one_line(e) and "writable" in one_line(e)
+
+
+def caught_signals(pid):   # the stop signals that process `pid` running train_cifar.py handles (Linux: /proc/PID)
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        if b"train_cifar.py" not in f.read():   # not yet exec'd: still a copy of this process
+            return set()
+    with open(f"/proc/{pid}/status") as f:
+        mask = int(next(line for line in f if line.startswith("SigCgt:")).split()[1], 16)
+    return {s for s in (signal.SIGINT, signal.SIGTERM) if mask >> (s - 1) & 1}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_start_up_ends_the_process_in_one_line_with_128_plus_its_number(tmp_path, sig):
+    cmd = [sys.executable, str(SCRIPT_DIR / "train_cifar.py"), *TINY_NET, "--fake-data", "--max-steps", "100000",
+           "--run-dir", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 60
+    while caught_signals(proc.pid) != {signal.SIGINT, signal.SIGTERM} and time.time() < deadline:
+        time.sleep(0.01)   # from here on torch is imported, the model built, ...: all before the first step
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig and "Traceback" not in err and err.count("\n") == 1, err[-2000:]
+    assert f"stopped by {sig.name} during start-up" in err and "step" not in out, err
+
+
+def test_ctrl_c_after_sigterm_is_named_so_and_a_stop_during_the_last_step_finishes_the_run(tmp_path, monkeypatch,
+                                                                                           capsys):
+    def exit_at_once(code):
+        raise SystemExit(code)
+    monkeypatch.setattr(os, "_exit", exit_at_once)
+    stops = train_cifar.StopSignals()
+    stops.handle(signal.SIGTERM, None)
+    with pytest.raises(SystemExit, match="130"):
+        stops.handle(signal.SIGINT, None)
+    assert capsys.readouterr().err.startswith("Ctrl-C after SIGTERM: exiting at once")
+    monkeypatch.setattr(train_cifar.StopSignals, "agreed", lambda self, env, pending: signal.SIGTERM)
+    train_tiny(tmp_path, "--max-steps", "1")   # the signal came during the last step: the run is complete
+    assert capsys.readouterr().out.splitlines()[-1] == f"done: 1 steps, checkpoint {tmp_path / 'ckpt.pt'}"
+
+
+def test_a_checkpoint_reaches_the_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or
+                        fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a), str(b))) or replace(a, b))
+    train_tiny(tmp_path, "--max-steps", "1")
+    ckpt = os.path.realpath(tmp_path / "ckpt.pt")
+    i = events.index(("replace", str(tmp_path / "ckpt.pt.tmp"), str(tmp_path / "ckpt.pt")))
+    assert ("fsync", ckpt + ".tmp") in events[:i] and ("fsync", os.path.dirname(ckpt)) in events[i + 1:], events
+
+
+# ---------------------------------------------------------------------------------------------
 # What a step logs: the loss per bin of t; flow matching through the same script; fp16's loss scaling
 # ---------------------------------------------------------------------------------------------
 
@@ -1813,6 +2023,11 @@ def test_target_difference_survives_every_precision_mode_at_the_default_gap_and_
     assert max(target_difference_errors("fp32", IMMConfig()).values()) < DIRECTION_BOUND   # fp32 needs no gap
     bf16_no_gap = target_difference_errors("bf16", IMMConfig())
     assert bf16_no_gap[PRECISION_TS[-1]] > DIRECTION_BOUND, bf16_no_gap   # the check can fail: bf16 needs the gap
+
+
+def test_every_test_the_readme_names_exists():
+    named = set(re.findall(r"`(test_\w+?)(?:\.\.\.)?`", Path(HERE, "README.md").read_text()))
+    assert len(named) >= 12 and all(any(t.startswith(n) for t in globals()) for n in named), named - set(globals())
 
 
 def test_the_readmes_code_map_points_at_the_right_lines_of_imm_py():

@@ -20,6 +20,7 @@ draw different (equally valid) masks.
 import argparse
 import copy
 import datetime
+import fcntl
 import functools
 import glob
 import hashlib
@@ -35,6 +36,14 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict
 from typing import NamedTuple
+
+if __name__ == "__main__":   # until the training loop takes over, a signal ends the process in one line: start-up has
+    def stop_at_once(signum, frame):   # nothing to save (and importing torch alone takes seconds)
+        if os.environ.get("RANK", "0") == "0":   # once under torchrun
+            print(f"stopped by {signal.Signals(signum).name} during start-up: nothing to save", file=sys.stderr)
+        os._exit(128 + signum)
+    signal.signal(signal.SIGINT, stop_at_once)
+    signal.signal(signal.SIGTERM, stop_at_once)
 
 import numpy as np
 import torch
@@ -179,9 +188,9 @@ def get_parser():
     # the run folder: logs, grids, checkpoints, FID
     a("--run-dir", default="", help="folder for logs, grids and checkpoints (default: runs/<date-time>, or the resumed "
       "run's folder); a folder that already holds a run is only continued with --resume")
-    a("--resume", default="", help="checkpoint file or run folder to continue from, or 'auto' (--run-dir's ckpt.pt, "
-      "else the newest runs/*/ckpt.pt; none found: start afresh). The run keeps every option of the checkpoint "
-      "except those typed again; its network, method, EMA rates and seed cannot change")
+    a("--resume", default="", help="checkpoint file or run folder to continue from (its ckpt.pt, else ckpt.prev.pt; "
+      "none yet: step 0 with its args.json), or 'auto' (--run-dir's, else the newest runs/*; none: start afresh). "
+      "The run keeps its options except those typed again; its network, method, EMA rates and seed cannot change")
     a("--log-every", type=pos, default=100, help="print and append to log.jsonl every this many steps (also checks "
       "that the loss is finite)")
     a("--ckpt-every", type=pos, default=10_000, help="write ckpt.pt and sample grids (--steps) this often")
@@ -210,51 +219,108 @@ def shown(value):   # an option's value as typed: 0.999,0.9999 rather than (0.99
     return ",".join(map(str, value)) if isinstance(value, tuple) else value
 
 
-# A run folder holds log.jsonl, args.json, the grids and ckpt.pt; a resumed run's options come from its checkpoint.
-def write_atomically(path, write):
-    """write(file) into path + '.tmp', then rename it to path: a crash mid-write never leaves a broken file there."""
+# A run folder holds log.jsonl, args.json, the grids, ckpt.pt, the checkpoint before it (ckpt.prev.pt, the fallback when
+# ckpt.pt is damaged) and `lock`, held by the process that trains there (open_run_dir). Files are replaced atomically,
+# on the disk before and after the rename (a power loss needs both). A resumed run takes its options from its checkpoint
+# or, stopped before its first, from args.json (find_checkpoint), and cuts its log back to that step (truncate_log).
+def write_atomically(path, write, keep=None):   # keep: where the file it replaces goes (ckpt.prev.pt)
     with open(path + ".tmp", "wb") as f:
-        write(f)
+        try:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        except BaseException as e:   # a full disk, a file-size limit: no partial file stays to fill the disk
+            os.remove(f.name)
+            raise e.__context__ if isinstance(e.__context__, OSError) else e   # torch.save wraps it in a RuntimeError
+    if keep and os.path.exists(path):
+        os.replace(path, keep)
     os.replace(path + ".tmp", path)
+    os.fsync(folder := os.open(os.path.dirname(path) or ".", os.O_RDONLY))
+    os.close(folder)
 
 
-def save_checkpoint(path, state):
-    write_atomically(path, lambda f: torch.save(state, f))
+def write_failed(folder, e):   # a failed write in one line: why, and the space left on the folder's disk
+    disk = os.path.abspath(folder)
+    while not os.path.ismount(disk):
+        disk = os.path.dirname(disk)
+    return (f"cannot write to {folder} ({e.strerror or e}; "
+            f"{shutil.disk_usage(disk).free / 2**20:,.0f} MiB free on {disk})")
 
 
-def run_files(run_dir):   # the files that make a folder a run
-    return [f for f in ("ckpt.pt", "log.jsonl", "args.json") if os.path.isfile(os.path.join(run_dir, f))]
+def open_run_dir(run_dir, args, step):
+    """Rank 0, before the model is built: refuse a folder that holds another run or is in use (an flock, which the OS
+    drops when its process dies), write args.json and cut the log back to `step`. Returns the lock's file."""
+    held = [f for f in ("ckpt.pt", "log.jsonl", "args.json") if os.path.isfile(os.path.join(run_dir, f))]
+    if held and not args.resume:
+        raise SystemExit(f"{run_dir} already holds a run ({', '.join(held)}): continue it with --resume {run_dir}, "
+                         f"or choose a new --run-dir")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        lock = open(os.path.join(run_dir, "lock"), "a+")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.truncate(0)
+        print(f"pid {os.getpid()} on {os.uname().nodename}", file=lock, flush=True)   # what a refused process names
+        write_atomically(os.path.join(run_dir, "args.json"),
+                         lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
+        truncate_log(os.path.join(run_dir, "log.jsonl"), step)
+        return lock
+    except BlockingIOError:   # the flock is held
+        lock.seek(0)
+        raise SystemExit(f"{run_dir} is in use by another training process ({lock.read().strip()}): wait for it to "
+                         f"end or stop it, or choose another --run-dir")
+    except OSError as e:
+        raise SystemExit(f"{write_failed(run_dir, e)}: make it writable, or choose another --run-dir")
 
 
 def truncate_log(path, step):
-    """Drop log lines past `step` (written after the checkpoint a run resumes from), atomically."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
+    """Cut log.jsonl after its last whole line of a step <= `step`, saying so: lines written after the checkpoint a run
+    resumes from, and a line torn by a failed write. In place, which a full disk cannot stop."""
+    with open(path, "a+b") as f:
+        f.seek(0)
+        lines = f.readlines()
+        for kept, line in enumerate(lines + [b""]):   # the empty line ends it
+            try:
+                if not line.endswith(b"\n") or json.loads(line)["step"] > step:
+                    break
+            except (ValueError, KeyError):
+                break
+        f.truncate(sum(map(len, lines[:kept])))
+    if kept < len(lines):
+        print(f"{path}: cut {len(lines) - kept} line(s) written after step {step}" +
+              ", the last one torn by a failed write" * (not lines[-1].endswith(b"\n")), flush=True)
 
 
 def find_checkpoint(resume, run_dir=""):
+    """(path, checkpoint, note): a file, or a run folder's ckpt.pt or, missing or damaged, the one before it (the note
+    says why); (ckpt.pt, None, '') for a run stopped before its first. 'auto': --run-dir's, else the newest runs/*."""
     if resume == "auto":
-        found = sorted(glob.glob(os.path.join(run_dir or "runs/*", "ckpt.pt")), key=os.path.getmtime)
-        return found[-1] if found else None
-    path = os.path.join(resume, "ckpt.pt") if os.path.isdir(resume) else resume
-    if not os.path.isfile(path):
-        raise SystemExit(f"no checkpoint at {path}")
-    return path
+        found = sorted(glob.glob(os.path.join(run_dir or "runs/*", "ckpt*.pt")), key=os.path.getmtime)
+        resume = os.path.dirname(found[-1]) if found else run_dir
+        if not (found or run_dir and os.path.isfile(os.path.join(run_dir, "args.json"))):
+            return None, None, ""
+    if not os.path.isdir(resume):
+        return resume, load_checkpoint(resume), ""
+    path, prev = os.path.join(resume, "ckpt.pt"), os.path.join(resume, "ckpt.prev.pt")
+    if not (os.path.isfile(path) or os.path.isfile(prev)) and os.path.isfile(os.path.join(resume, "args.json")):
+        return path, None, ""
+    try:
+        return path, load_checkpoint(path), ""
+    except SystemExit as e:
+        if not os.path.isfile(prev):
+            raise
+        return prev, load_checkpoint(prev), e.code.split(":")[0]
 
 
 def load_checkpoint(path):
     """One of our checkpoints, read with weights_only=True; anything else ends the run with one line that names the
     file (never torch's advice to unpickle it with weights_only=False)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:   # random bytes, a truncated write, or a pickle that wants to run code
         raise SystemExit(f"{path} cannot be read as a checkpoint ({type(e).__name__}): the file is damaged or "
-                         f"truncated; resume from another checkpoint or start a new --run-dir")
+                         f"truncated; start a new --run-dir")
     keys = ("step", "model", "ema", "optimizer", "net", "imm", "args")
     missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
@@ -267,19 +333,24 @@ def load_checkpoint(path):
 
 
 def parse_args(argv=None):
-    """(args, ckpt, ckpt_path, changed). One parser, whose defaults become the --tiny preset and, when resuming, the
-    checkpoint's options; typed options win. `changed`: [(name, saved, now)] for the options typed again."""
+    """(args, ckpt, ckpt_path, changed, note). One parser, whose defaults become the --tiny preset and, when resuming,
+    the run's options; typed options win. `changed`: [(name, saved, now)] for the options typed again."""
     parser = get_parser()
     args = parser.parse_args(argv)
-    ckpt = path = None
+    ckpt, path, saved, note = None, None, {}, ""
     if args.resume and not (args.sample or args.fid):
-        path = find_checkpoint(args.resume, args.run_dir)
-        ckpt = load_checkpoint(path) if path else None
+        path, ckpt, note = find_checkpoint(args.resume, args.run_dir)
+        saved = ckpt["args"] if ckpt else {}
+        if path and not ckpt:   # a run stopped before its first checkpoint: the options of its args.json
+            with open(os.path.join(os.path.dirname(path), "args.json")) as f:
+                saved = json.load(f)
+            saved["ema"] = tuple(saved["ema"])
     if args.tiny:
         parser.set_defaults(**TINY)
-    saved = {k: v for k, v in ckpt["args"].items() if k in vars(args) and k not in RUNTIME_OPTIONS} if ckpt else {}
+    saved = {k: v for k, v in saved.items() if k in vars(args) and k not in RUNTIME_OPTIONS}
     parser.set_defaults(**saved)
     args = parser.parse_args(argv)
+    args.run_dir = args.run_dir or (os.path.dirname(path) if path else "")
     changed = [(k, v, getattr(args, k)) for k, v in saved.items() if getattr(args, k) != v]
     if not (args.sample or args.fid):   # --sample/--fid take these from the run they sample (evaluate)
         args.ema, args.seed, args.precision = args.ema or (0.9999,), args.seed or 0, args.precision or "bf16"
@@ -290,7 +361,7 @@ def parse_args(argv=None):
             names = ", ".join(f"--{k.replace('_', '-')} {shown(getattr(args, k))}" for k in fixed)
             raise SystemExit(f"cannot resume with {names}: a resumed run keeps its network, method, EMA rates and "
                              f"seed; start a new --run-dir to change them")
-    return args, ckpt, path, changed
+    return args, ckpt, path, changed, note
 
 
 def check_sampler(sampler, flow_matching):
@@ -335,7 +406,7 @@ class Env:
         self.ddp = int(os.environ.get("RANK", -1)) != -1
         self.rank, self.local_rank, self.world = ((int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
                                                   if self.ddp else (0, 0, 1))
-        self.cuda, self.master = torch.cuda.is_available(), self.rank == 0
+        self.cuda, self.master, self.lock = torch.cuda.is_available(), self.rank == 0, None   # lock: see main
         self.device = torch.device(f"cuda:{self.local_rank}" if self.cuda else "cpu")
         if self.cuda:
             torch.cuda.set_device(self.device)
@@ -353,6 +424,8 @@ class Env:
         raise SystemExit(message)
 
     def close(self):
+        if self.lock:
+            self.lock.close()
         if self.ddp and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -385,7 +458,8 @@ class StopSignals:
 
     def handle(self, signum, frame):
         if self.signum and signum == signal.SIGINT:
-            print("second Ctrl-C: exiting at once, without a checkpoint", file=sys.stderr, flush=True)
+            first = "second Ctrl-C" if self.signum == signum else f"Ctrl-C after {signal.Signals(self.signum).name}"
+            print(f"{first}: exiting at once, without a checkpoint", file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.signum = self.signum or signum
 
@@ -777,10 +851,9 @@ def load_model(source, rate=None):
         except (OSError, ValueError, pickle.UnpicklingError) as e:   # offline, missing or not an official checkpoint
             raise SystemExit(f"cannot load the official checkpoint {source} ({type(e).__name__}: {e}); offline, "
                              f"download {OFFICIAL_CIFAR10_URL} elsewhere and pass its path")
-    path = find_checkpoint(source)
-    if path is None:
-        raise SystemExit("--sample/--fid auto: no runs/*/ckpt.pt found")
-    ckpt = load_checkpoint(path)
+    path, ckpt, _ = find_checkpoint(source)
+    if ckpt is None:
+        raise SystemExit(f"--sample/--fid {source}: no checkpoint found")
     return (*model_from_checkpoint(ckpt, rate), os.path.dirname(path), ckpt["args"])
 
 
@@ -1112,20 +1185,13 @@ def evaluate(args, env):
 
 def main(argv=None):
     # Config: the command line, or a resumed run's checkpoint with the options typed again (parse_args)
-    args, ckpt, ckpt_path, changed = parse_args(argv)
+    args, ckpt, ckpt_path, changed, note = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
     per_rank, batch_gpu = check_args(args, world)
-    if not (args.sample or args.fid or args.bench or args.resume) and args.run_dir and run_files(args.run_dir):
-        raise SystemExit(f"{args.run_dir} already holds a run ({', '.join(run_files(args.run_dir))}): continue it with "
-                         f"--resume {args.run_dir}, or choose a new --run-dir")
     env = Env()
     if args.sample or args.fid:
         return evaluate(args, env)
     device, say = env.device, env.say
-    stamp = [time.strftime("%Y%m%d-%H%M%S")]   # rank 0's clock names a new run folder
-    if env.ddp:
-        dist.broadcast_object_list(stamp, src=0)
-    run_dir = args.run_dir or (os.path.dirname(ckpt_path) if ckpt_path else os.path.join("runs", stamp[0]))
     net_cfg, cfg, accum = net_kwargs(args), imm_config(args), per_rank // batch_gpu
     loss_fn = fm_loss if args.loss == "fm" else imm_loss
     if ckpt and (ckpt["net"] != net_cfg or ckpt["imm"] != asdict(cfg)):
@@ -1143,6 +1209,19 @@ def main(argv=None):
         draws = global_batch(step, args.seed, len(data), args.batch, cfg, args.augment, device)
         return micro_batches(data, draws, env.rank * per_rank, batch_gpu, accum, cfg.M, net_cfg["augment_dim"] > 0)
 
+    # The run folder (section 1), before the model is built: rank 0 opens it; its name and verdict reach every rank
+    shared = [args.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")), ""]
+    if env.master and not args.bench:
+        try:
+            env.lock = open_run_dir(shared[0], args, ckpt["step"] if ckpt else 0)
+        except SystemExit as e:
+            shared[1] = e.code
+    if env.ddp:
+        dist.broadcast_object_list(shared, src=0)
+    run_dir, ckpt_file = shared[0], os.path.join(shared[0], "ckpt.pt")
+    if shared[1]:
+        env.stop(shared[1])
+
     # Model, EMAs and optimiser: fp32 master weights; the target pass uses the live weights (Sec. 4.1, stop-gradient)
     torch.manual_seed(args.seed)
     raw_model = IMMModel(DDPMpp(**net_cfg), cfg).to(device).train()
@@ -1152,10 +1231,10 @@ def main(argv=None):
     autocast, scaler = precision_setup(precision, device.type)
     step = restore(ckpt, raw_model, emas, opt, scaler) if ckpt else 0
     if ckpt:
-        say(f"resumed from {ckpt_path} at step {step}" + "".join(
+        say(f"resumed from {ckpt_path} at step {step}" + f" ({note})" * bool(note) + "".join(
             f"; --{k.replace('_', '-')} {shown(new)} (was {shown(old)})" for k, old, new in changed))
     elif args.resume:
-        say("--resume auto: no checkpoint yet, starting from scratch")
+        say(f"no checkpoint in {run_dir} yet: starting from step 0")
     compile_ = env.cuda if args.compile is None else args.compile
     if compile_:   # NHWC: no layout transposes around cuDNN's convolutions (eager mode is slower with it)
         for m in (raw_model, *emas.values()):
@@ -1183,19 +1262,21 @@ def main(argv=None):
         bench(train, args.bench, args.batch, world, mfu, device, say)
         return env.close()
     fid_every, reference = fid_during_training(args, env, data)
-    if env.master:   # a resumed run forgets the log lines written after its checkpoint (e.g. before a kill -9)
-        os.makedirs(run_dir, exist_ok=True)
-        truncate_log(os.path.join(run_dir, "log.jsonl"), step)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
+
+    def halt(why, resume=False):   # one line; the last good checkpoint stays (a non-finite step would come again)
+        env.stop(f"{why}: training stopped; the last good checkpoint is {last_good or 'none (none was written yet)'}" +
+                 f"; continue with --resume {run_dir} once it can be written there" * resume)
 
     def log(rec):
         if env.master:
-            with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            try:
+                with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            except OSError as e:   # what it wrote of the line is cut on resume
+                halt(write_failed(run_dir, e), resume=True)
 
     # Training loop
-    loss_sum, n_steps, t_last, last_good = torch.zeros((), device=device), 0, time.time(), ckpt_path
+    loss_sum, n_steps, t_last, last_good = torch.zeros((), device=device), 0, time.time(), ckpt_path if ckpt else None
     slowest, stop, pending = max(emas), 0, []   # slowest: the EMA of grids and FID; stop: a signal's number
     bins = torch.zeros(3, N_TIME_BINS, dtype=torch.float64, device=device)
     with StopSignals() as signals:   # Ctrl-C and SIGTERM end the loop after a step, with a checkpoint
@@ -1212,8 +1293,7 @@ def main(argv=None):
                     dist.all_reduce(bins)
                 loss = loss_sum.item() / (n_steps * world)
                 if not math.isfinite(loss):
-                    env.stop(f"loss is {loss} within steps {step - n_steps + 1}..{step}: training stopped; "
-                             f"the last good checkpoint is {last_good or 'none (none was written yet)'}")
+                    halt(f"loss is {loss} within steps {step - n_steps + 1}..{step}")
                 rec, line = progress(step, n_steps, loss, bins, time.time() - t_last, args, cfg, world, mfu, device)
                 say(line)
                 log(rec)
@@ -1222,16 +1302,19 @@ def main(argv=None):
             t_eval = time.time()   # checkpoints, grids and FID are not training: keep them out of img/s, mfu, eta
             if at_ckpt:   # a finite loss with non-finite weights (an inf gradient) must not overwrite a good file
                 if not all(p.isfinite().all() for p in raw_model.parameters()):   # same on every rank
-                    env.stop(f"weights became non-finite by step {step}: not saved; the last good checkpoint is "
-                             f"{last_good or 'none (none was written yet)'}")
-                if env.master:
-                    save_checkpoint(os.path.join(run_dir, "ckpt.pt"), dict(
-                        step=step, model=raw_model.state_dict(), optimizer=opt.state_dict(),
-                        ema={f"{r:g}": e.state_dict() for r, e in emas.items()}, net=net_cfg, imm=asdict(cfg),
-                        scaler=scaler.state_dict() if scaler else None, args=vars(args)))
-                    save_grids(emas[slowest], run_dir, f"_{step:07d}_ema{slowest:g}", ints(args.steps), args.sampler,
-                               args.seed)
-                last_good = os.path.join(run_dir, "ckpt.pt")
+                    halt(f"weights became non-finite by step {step} (not saved)")
+                if env.master:   # grids first: a kill before the checkpoint is in place draws them again on resume
+                    state = dict(step=step, model=raw_model.state_dict(), optimizer=opt.state_dict(),
+                                 ema={f"{r:g}": e.state_dict() for r, e in emas.items()}, net=net_cfg, imm=asdict(cfg),
+                                 scaler=scaler.state_dict() if scaler else None, args=vars(args))
+                    try:   # the checkpoint before stays as ckpt.prev.pt if it is known good (not one we fell back from)
+                        save_grids(emas[slowest], run_dir, f"_{step:07d}_ema{slowest:g}", ints(args.steps),
+                                   args.sampler, args.seed)
+                        write_atomically(ckpt_file, lambda f: torch.save(state, f),
+                                         os.path.join(run_dir, "ckpt.prev.pt") if last_good == ckpt_file else None)
+                    except OSError as e:
+                        halt(write_failed(run_dir, e), resume=True)
+                last_good = ckpt_file
             if fid_every and step % fid_every == 0:
                 rec = dict(step=step, fid_model=f"ema{slowest:g}", **fid_of(emas[slowest], args, env, reference))
                 say(f"step {step} | FID of the EMA {slowest:g}: " + " | ".join(
@@ -1239,13 +1322,12 @@ def main(argv=None):
                     if k.startswith("fid_") and k.endswith("step")) + f" | {rec['fid_protocol']}")
                 log(rec)
             t_last += time.time() - t_eval
-    if stop:
+    env.close()
+    if stop and step < args.max_steps:   # a stop during the last step finishes the run
         say(f"stopped at step {step} by {signal.Signals(stop).name}; checkpoint {last_good}; continue with "
             f"--resume {run_dir}")
-        env.close()
         raise SystemExit(128 + stop)
     say(f"done: {step} steps, checkpoint {last_good}")
-    env.close()
 
 
 if __name__ == "__main__":
