@@ -1219,15 +1219,19 @@ def test_samples_and_fid_statistics_shared_over_two_processes_equal_one_processs
         "import sys, torch, torch.distributed as dist\n"
         "import imm, train_cifar, test_imm\n"
         "env = train_cifar.Env()\n"
+        "train_cifar.fid_feature_extractor = lambda device: test_imm.FAKE_INCEPTION\n"
         "torch.manual_seed(0)\n"
         "model = imm.IMMModel(test_imm.tiny_net(), imm.IMMConfig())\n"
         "x = train_cifar.sample_images(model, 7, 4, 'restart', seed=3, batch=2, rank=env.rank, world=env.world)\n"
         "stats = train_cifar.fid_statistics(x.permute(0, 3, 1, 2), test_imm.FAKE_INCEPTION, env, batch=3)\n"
         "torch.save((train_cifar.gather_images(x, 7, env, batch=2), stats), sys.argv[1] + f'/rank{env.rank}.pt')\n"
+        "for _ in range(2):   # computed by both ranks, then read from rank 0's cache: no rank waits for another\n"
+        "    ref = train_cifar.fid_reference(x.permute(0, 3, 1, 2), sys.argv[1], env)\n"
         "env.close()\n")
     proc = subprocess.run(torchrun(tmp_path, script, tmp_path), env=TORCHRUN_ENV, cwd=tmp_path, capture_output=True,
                           text=True, timeout=150)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(list(tmp_path.glob("fid_reference_*.npz"))) == 1
     torch.manual_seed(0)
     model = IMMModel(tiny_net(), IMMConfig())
     one = train_cifar.sample_images(model, 7, 4, "restart", seed=3, batch=2)

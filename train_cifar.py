@@ -996,19 +996,22 @@ def fid_statistics(images, extractor, env, progress=False, batch=250):
 
 
 def fid_reference(images, data_dir, env):
-    """(statistics, count) of the training images (uint8 NCHW), computed once by every rank and cached next to them,
-    keyed by a hash of the images and the feature extractor: --fid-every and later --fid calls reuse them."""
+    """(statistics, count) of the training images (uint8 NCHW; the statistics on rank 0 only), computed once by every
+    rank and cached next to them, keyed by a hash of the images and the feature extractor: --fid-every and later --fid
+    calls reuse them."""
     extractor = fid_feature_extractor(env.device)
-    key = hashlib.sha256(images.cpu().numpy().tobytes() + extractor.name.encode()).hexdigest()[:16]
+    key = hashlib.sha256(images.cpu().numpy().tobytes() + extractor.name.encode()).hexdigest()[:16] if env.master else ""
     path = os.path.join(data_dir, f"fid_reference_{key}.npz")
-    if os.path.isfile(path):
-        with np.load(path) as f:
-            return dict(mu=f["mu"], sigma=f["sigma"]), int(f["n"])
+    cached = torch.tensor(float(env.master and os.path.isfile(path)), device=env.device)
+    if env.ddp:   # rank 0's cache decides for every rank: computing the statistics is collective
+        dist.broadcast(cached, 0)
+    if cached.item():   # only rank 0 needs them: it computes the FID
+        return (dict(np.load(path)) if env.master else None), len(images)
     env.say(f"FID: features of the {len(images)} training images, once (then cached in {path})")
     stats = fid_statistics(images[env.rank::env.world], extractor, env, progress=env.master)
     if env.master:
         try:
-            write_atomically(path, lambda f: np.savez(f, n=len(images), **stats))
+            write_atomically(path, lambda f: np.savez(f, **stats))
         except OSError as e:
             env.say(f"FID: could not cache the reference statistics in {path} ({e}); computing them each time")
     return stats, len(images)
