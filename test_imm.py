@@ -1523,6 +1523,125 @@ def test_bad_data_gives_one_clear_error_and_leaves_no_folder_behind(tmp_path, mo
 
 
 # ---------------------------------------------------------------------------------------------
+# EDM's augmentation: what each transform does, to each image of a batch, with EDM's probabilities
+# ---------------------------------------------------------------------------------------------
+
+def smooth_image(u, v, phase=0.0):
+    """A 3-channel image as a function of pixel coordinates centred on the image (u to the right, v down), band-limited
+    (periods of 13 px or more) so that bicubic resampling reproduces it closely."""
+    return torch.stack([torch.sin(2 * math.pi * u / 16 + 0.3 + phase) * torch.cos(2 * math.pi * v / 21),
+                        torch.cos(2 * math.pi * (u + v) / 24 + phase),
+                        0.5 * torch.sin(2 * math.pi * u / 32) + 0.4 * torch.cos(2 * math.pi * v / 13 + phase)])
+
+
+def centred_pixels(size=32):   # (u, v) of every pixel, [size, size] each
+    v, u = torch.meshgrid(*[torch.arange(size, dtype=torch.float64) - (size - 1) / 2] * 2, indexing="ij")
+    return u, v
+
+
+def aug_params(**values):
+    """augment_params' choices at p > 0 for one image: nothing applied except `values`."""
+    p = {k: torch.zeros(1, dtype=torch.float64) for k in ("xflip", "yflip", "scale", "rotate", "aniso", "aniso_angle")}
+    p["translate"] = torch.zeros(2, 1, dtype=torch.float64)
+    return p | {k: torch.tensor(v, dtype=torch.float64).reshape(p[k].shape) for k, v in values.items()}
+
+
+def test_augment_at_p_zero_only_x_flips_and_untransformed_images_stay_bit_exact():
+    """p = 0 (--augment 0) draws the x-flips that p > 0 draws, and nothing else; at p > 0 an image that drew no
+    geometric transform is only blit-flipped, never resampled."""
+    x = torch.rand(64, 3, 32, 32) * 2 - 1
+    p0, p = (train_cifar.augment_params(64, prob, torch.Generator().manual_seed(0)) for prob in (0.0, 0.12))
+    assert list(p0) == ["xflip"] and torch.equal(p0["xflip"], p["xflip"]) and 0 < p0["xflip"].mean() < 1
+    flipped = torch.stack([im.flip(2) if f else im for im, f in zip(x, p0["xflip"])])
+    assert torch.equal(train_cifar.augment(x, p0), flipped)
+    still = torch.stack([p["scale"], p["rotate"], p["aniso"], *p["translate"]]).eq(0).all(0)
+    assert 10 < still.sum() < 60
+    for im, out, fx, fy, s in zip(x, train_cifar.augment(x, p), p["xflip"], p["yflip"], still):
+        want = im.flip(2) if fx else im
+        assert torch.equal(out, want.flip(1) if fy else want) == bool(s)
+
+
+@pytest.mark.parametrize("values", [dict(scale=1.5), dict(rotate=0.7), dict(aniso=1.2, aniso_angle=0.5),
+                                    dict(translate=[0.3, -0.2]), dict(xflip=1.0), dict(yflip=1.0)])
+def test_each_augmentation_undone_by_its_inverse_gives_the_image_back(values):
+    x = smooth_image(*centred_pixels())[None].float()
+    p = aug_params(**values)
+    y = train_cifar.augment(x, p)
+    back = train_cifar.augment(y, {k: -v if k in ("scale", "rotate", "aniso", "translate") else v
+                                   for k, v in p.items()})
+    assert (y - x).abs().max() > 0.4   # the transform did something
+    # two bicubic resamplings of a smooth image, away from the reflected borders: measured at most 0.035; flips exact
+    assert (back - x)[..., 8:24, 8:24].abs().max() < 0.06
+
+
+def test_augmentations_do_what_their_labels_say():
+    """Flips, a quarter turn and a shift against torch's pixel operations; the 9 labels; the matrix of all four
+    geometric transforms against EDM's composition (augment.py: G^-1 = S^-1 R(theta) A_r^-1 T^-1; a unit of shift
+    is 0.125 image widths)."""
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    for values, want, labels in ((dict(xflip=1.0), x.flip(3), [1, 0, 0, 0, 0, 0, 0, 0, 0]),
+                                 (dict(yflip=1.0), x.flip(2), [0, 1, 0, 0, 0, 0, 0, 0, 0]),
+                                 (dict(rotate=math.pi / 2), torch.rot90(x, 1, (2, 3)), [0, 0, 0, -1, 1, 0, 0, 0, 0]),
+                                 (dict(translate=[1.0, -0.5]), torch.roll(x, (-2, 4), (2, 3)),   # 4 px right, 2 up
+                                  [0, 0, 0, 0, 0, 0, 0, 1, -0.5])):
+        p = aug_params(**values)
+        inside = (..., slice(0, 30), slice(4, 32))   # what the shift does not fill by reflection
+        torch.testing.assert_close(train_cifar.augment(x, p)[inside], want[inside], rtol=0, atol=1e-4)
+        torch.testing.assert_close(train_cifar.augment_labels(p)[0], torch.tensor(labels, dtype=torch.float32),
+                                   rtol=0, atol=1e-6)
+    theta, r = 0.4, math.pi / 3
+    p = aug_params(scale=5.0, rotate=theta, aniso=2.0, aniso_angle=r, translate=[0.5, -1.0])
+
+    def rot(a):
+        return torch.tensor([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]],
+                            dtype=torch.float64)
+    diag = lambda a, b: torch.diag(torch.tensor([a, b, 1], dtype=torch.float64))   # noqa: E731
+    shift = torch.tensor([[1, 0, -2], [0, 1, 4], [0, 0, 1]], dtype=torch.float64)   # by (0.5, -1) x 4 px
+    torch.testing.assert_close(train_cifar.augment_matrix(p, 32)[0],   # 2^(0.2 x 5) = 2, 2^(0.2 x 2) = 2^0.4
+                               diag(0.5, 0.5) @ rot(theta) @ rot(-r) @ diag(2 ** -0.4, 2 ** 0.4) @ rot(r) @ shift)
+    torch.testing.assert_close(train_cifar.augment_labels(p)[0], torch.tensor(
+        [0, 0, 5, math.cos(theta) - 1, math.sin(theta), 2 * math.cos(r), 2 * math.sin(r), 0.5, -1]).float())
+
+
+def test_augment_reads_each_image_of_a_batch_at_its_own_matrix_times_the_pixel_coordinates():
+    """Output pixel (u, v) of image i is input image i at F_i G_i^-1 (u, v) (G_i^-1: augment_matrix; F_i: its flips),
+    checked on images given as functions of the coordinates, wherever that point lies well inside the image: every
+    image gets its own transform and keeps its place in the batch."""
+    n, (u, v) = 16, centred_pixels()
+    x = torch.stack([smooth_image(u, v, phase=i) for i in range(n)]).float()
+    p = train_cifar.augment_params(n, 1.0, torch.Generator().manual_seed(3))
+    G = train_cifar.augment_matrix(p, 32)
+    q = (G[:, :2, :2] @ torch.stack([u, v]).reshape(2, -1) + G[:, :2, 2:]) * (1 - 2 * torch.stack(
+        [p["xflip"], p["yflip"]], 1))[:, :, None]                  # [n, 2, pixels]: where each output pixel reads
+    want = torch.stack([smooth_image(*q[i].reshape(2, 32, 32), phase=i) for i in range(n)]).float()
+    inside = (q.abs() < 13).all(1).reshape(n, 1, 32, 32).expand_as(x)   # bicubic taps reach 2 px; no reflection
+    assert inside.float().mean() > 0.3 and 0 < p["xflip"].sum() < n and 0 < p["yflip"].sum() < n
+    assert (train_cifar.augment(x, p) - want)[inside].abs().max() < 0.04   # measured 0.025 (bicubic's own error)
+
+
+def test_augmentation_probabilities_follow_edm():
+    """EDM's CIFAR-10 pipe (xflip=1e8, yflip=scale=rotate_frac=aniso=translate_frac=1, aniso_rotate_prob=0.5) over
+    40,000 draws at p = 0.12: how often each transform is applied, independently, and its distribution."""
+    n, prob = 40_000, 0.12
+    p = train_cifar.augment_params(n, prob, torch.Generator().manual_seed(0))
+    on = {k: p[k] != 0 for k in ("xflip", "yflip", "scale", "rotate", "aniso")} | dict(translate=p["translate"][0] != 0)
+    rate = lambda m: m.double().mean().item()   # noqa: E731
+    assert rate(on["xflip"]) == pytest.approx(0.5, abs=0.01)    # xflip * p >= 1: every image, half of them flipped
+    assert rate(on["yflip"]) == pytest.approx(prob / 2, abs=0.005)
+    for k in ("scale", "rotate", "aniso", "translate"):
+        assert rate(on[k]) == pytest.approx(prob, abs=0.006)
+    assert rate(on["scale"] & on["rotate"]) == pytest.approx(prob ** 2, abs=0.0025)   # independent gates
+    assert torch.equal(p["translate"][1] != 0, on["translate"])   # one gate for both axes
+    assert rate(p["aniso_angle"][on["aniso"]] != 0) == pytest.approx(0.5, abs=0.03) and not p["aniso_angle"][
+        ~on["aniso"]].any()   # the axis of an applied anisotropy is turned half the time
+    for k in ("scale", "aniso", "translate"):   # N(0, 1) where applied
+        values = p[k][..., on[k]]
+        assert values.mean().item() == pytest.approx(0, abs=0.06) and values.std().item() == pytest.approx(1, abs=0.05)
+    theta = p["rotate"][on["rotate"]]   # U(-pi, pi)
+    assert theta.abs().max() <= math.pi and theta.abs().mean().item() == pytest.approx(math.pi / 2, abs=0.06)
+
+
+# ---------------------------------------------------------------------------------------------
 # Every bad option is refused in one line before anything is written
 # ---------------------------------------------------------------------------------------------
 
