@@ -1170,6 +1170,23 @@ TORCHRUN_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SCRIPT_DIR))
 DDP_RUN = ["--tiny", "--batch", "8", "--log-every", "1", "--fake-data", "--dropout", "0", "--max-steps", "3"]
 
 
+def test_one_global_batch_split_over_1_2_and_4_ranks_and_micro_batches_gives_the_same_particles_in_order():
+    """Every rank draws the global batch itself and takes its slice: concatenated over ranks and micro-batches, the
+    images (augmented), noise, times (one per group of M) and labels are the one-process batch, in its order."""
+    cfg, data = IMMConfig.cifar(), torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8)
+
+    def batch(world, accum):
+        parts = [part for rank in range(world) for part in train_cifar.micro_batches(
+            data, train_cifar.global_batch(7, 3, len(data), 32, cfg, 0.5, torch.device("cpu")), rank * 32 // world,
+            32 // world // accum, accum, cfg.M, labelled=True)]
+        x, noise, times, labels = zip(*parts)
+        return [torch.cat(v) for v in (x, noise, labels, *zip(*times))]
+    one = batch(1, 1)
+    assert [len(v) for v in one] == [32] * 3 + [8] * 3 and one[2].abs().sum() > 0
+    for world, accum in ((1, 4), (2, 1), (2, 2), (4, 1), (4, 2)):
+        assert all(torch.equal(a, b) for a, b in zip(batch(world, accum), one)), (world, accum)
+
+
 @slow
 def test_two_process_ddp_matches_one_process_with_accumulation(tmp_path):
     proc = subprocess.run(torchrun(tmp_path, SCRIPT_DIR / "train_cifar.py", *DDP_RUN, "--run-dir", tmp_path / "ddp"),
