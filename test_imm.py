@@ -1422,6 +1422,30 @@ def test_loss_per_time_bin_averages_back_to_the_logged_loss(tmp_path, capsys):
         assert rec["t_bin_edges"][0] == 0.006 and rec["t_bin_edges"][-1] == 0.994
 
 
+def test_the_cifar_training_path_overfits_a_handful_of_images():
+    """200 training steps (global_batch, micro_batches with the default augmentation, train_step, RAdam) of a tiny
+    DDPM++ on 4 fixed 8x8 images bring its 1-step samples within 0.3 (RMS distance to the nearest training image or its
+    mirror; pixels in [-1, 1]) where the untrained network's lie 0.54 away; measured 0.16 to 0.21 over 4 seeds. k = 6
+    (CIFAR: 15) takes the induction from r to t in coarser steps, so it reaches the 1-step jump within those steps."""
+    cfg, (u, v) = IMMConfig.cifar(k=6), centred_pixels(8)
+    data = torch.stack([torch.where(u ** 2 + v ** 2 < 7, torch.tensor([220, 60 + 20 * i, 40])[:, None, None],
+                                    torch.tensor([30, 40, 180 - 20 * i])[:, None, None] + 4 * (v + 3.5))
+                        for i in range(4)]).to(torch.uint8)   # a disk on a gradient, in four colours
+    mirrored = torch.cat([data, data.flip(3)]).float() / 127.5 - 1
+
+    def distance(model):   # of 1-step samples to the nearest training image, on average
+        x = train_cifar.sample_images(model, 32, steps=1).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return (x[:, None] - mirrored).pow(2).mean((2, 3, 4)).sqrt().amin(1).mean().item()
+    torch.manual_seed(0)
+    model = IMMModel(tiny_net(attn_resolutions=(), dropout=0.0, augment_dim=9), cfg)
+    untrained, opt = distance(model), torch.optim.RAdam(model.parameters(), lr=1e-2)
+    for step in range(200):
+        draws = train_cifar.global_batch(step, 0, len(data), 32, cfg, 0.12, torch.device("cpu"), img_shape=(3, 8, 8))
+        train_cifar.train_step(model, opt, train_cifar.micro_batches(data, draws, 0, 32, 1, cfg.M, labelled=True), cfg,
+                               accum=1, autocast=contextlib.nullcontext())
+    assert untrained > 0.45 and distance(model) < 0.3, (untrained, distance(model))
+
+
 def test_flow_matching_baseline_trains_through_the_same_script_and_samples_with_euler_steps(tmp_path):
     train_tiny(tmp_path, "--max-steps", "1", "--loss", "fm")
     ckpt = load_ckpt(tmp_path / "ckpt.pt")
