@@ -810,17 +810,6 @@ def test_group_norm_keeps_channels_last_and_matches_the_native_op_with_gradients
     assert err < max(4 * err_native, 1e-6), (err, err_native)
 
 
-def test_network_gives_the_same_output_in_channels_last_layout():
-    net = randomize_(tiny_net()).double().eval()
-    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    t, s = torch.tensor([900.0, 300.0], dtype=torch.float64), torch.tensor([100.0, 50.0], dtype=torch.float64)
-    with torch.no_grad():
-        ref = net(x, t, s)
-        net.to(memory_format=torch.channels_last)
-        out = net(x.to(memory_format=torch.channels_last), t, s)
-    torch.testing.assert_close(out, ref, rtol=1e-11, atol=1e-11)
-
-
 # ---------------------------------------------------------------------------------------------
 # the official checkpoint format (a raw pickle of persistent classes, official torch_utils/persistence.py),
 # built here without the official code
@@ -1477,6 +1466,44 @@ def test_fp16_with_loss_scaling_takes_the_fp32_step():
         after[mode] = torch.cat([(model.state_dict()[k] - before[k]).flatten() for k in before])
     assert after["fp32"].abs().max() > 0
     assert rel_err(after["fp16"], after["fp32"]) < 0.1
+
+
+class KeepGradients:
+    """An optimiser that keeps the gradients train_step hands it, instead of stepping."""
+
+    def __init__(self, params):
+        self.params = list(params)
+
+    def step(self):
+        self.grads = [p.grad.clone() for p in self.params]
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+def test_a_training_step_in_channels_last_gives_the_loss_and_gradients_of_one_in_nchw():
+    """Compiled and channels_last is the GPU default (main converts the model, not the images): one step of the NHWC
+    model, whose every block then computes in NHWC, gives the NCHW step's loss and gradients (float64, to round-off)."""
+    cfg, data = IMMConfig.cifar(), torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    draws = train_cifar.global_batch(0, 0, len(data), 16, cfg, 0.5, torch.device("cpu"), img_shape=(3, 8, 8))
+    (x, noise, times, labels), = train_cifar.micro_batches(data, draws, 0, 16, 1, cfg.M, labelled=True)
+    net, steps = randomize_(tiny_net(dropout=0.0, augment_dim=9)).double(), []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        model, nhwc = IMMModel(copy.deepcopy(net), cfg).to(memory_format=layout).train(), []
+        for block in (m for m in model.modules() if isinstance(m, imm.UNetBlock)):   # the layout each block computes in
+            block.register_forward_hook(lambda m, i, out: nhwc.append(
+                out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()))
+        opt = KeepGradients(model.parameters())
+        loss = train_cifar.train_step(model, opt, iter([(x.double(), noise.double(), times, labels)]), cfg, accum=1,
+                                      autocast=contextlib.nullcontext())
+        steps.append((loss, opt.grads, nhwc))
+    (loss, grads, nhwc), (loss_cl, grads_cl, nhwc_cl) = steps
+    assert not any(nhwc) and nhwc_cl and all(nhwc_cl)
+    torch.testing.assert_close(loss_cl, loss, rtol=1e-12, atol=0)
+    for g, g_cl in zip(grads, grads_cl):
+        torch.testing.assert_close(g_cl, g, rtol=1e-9, atol=1e-12)
+    assert sum(g.abs().sum() for g in grads) > 0
 
 
 def test_bench_counts_the_flops_of_each_loss_and_writes_no_run_folder(tmp_path, monkeypatch, capsys):
