@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import types
 import urllib.error
 import warnings
@@ -1348,8 +1349,9 @@ def test_non_finite_stops_training_and_keeps_last_good_checkpoint(tmp_path, monk
     assert (tmp_path / "ckpt.pt").read_bytes() == good
 
 
-def signal_after(cmd, sig, step, env=None):
-    """Run cmd, send it `sig` once it has printed step `step`; (return code, stdout, stderr)."""
+def signal_after(cmd, sig, step, env=None, twice=False):
+    """Run cmd, send it `sig` once it has printed step `step` (twice: again 0.1 s later); (return code, stdout,
+    stderr)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env or dict(os.environ, OMP_NUM_THREADS="1"))
     seen = []
@@ -1357,6 +1359,9 @@ def signal_after(cmd, sig, step, env=None):
         seen.append(line)
         if line.startswith(f"step {step} |"):
             proc.send_signal(sig)
+            if twice:
+                time.sleep(0.1)
+                proc.send_signal(sig)
             break
     out, err = proc.communicate(timeout=240)
     return proc.returncode, "".join(seen) + out, err
@@ -1377,6 +1382,19 @@ def test_a_signal_stops_training_after_a_step_with_a_checkpoint_that_resumes_exa
     train_cifar.main(["--resume", str(run), "--max-steps", str(step + 2)])
     train_tiny(tmp_path / "full", "--max-steps", str(step + 2))
     assert_same_training(run, tmp_path / "full", exact=True)
+
+
+def test_a_second_ctrl_c_exits_at_once_and_the_checkpoint_before_it_still_resumes(tmp_path):
+    """The first Ctrl-C asks for a checkpoint after the step; the second, 0.1 s later (the step, its checkpoint and
+    grids take seconds here), exits at once with 130: no final checkpoint, and the one before still resumes."""
+    run = tmp_path / "run"
+    code, out, err = signal_after([sys.executable, str(SCRIPT_DIR / "train_cifar.py"), *TINY_NET, "--fake-data",
+                                   "--max-steps", "100000", "--ckpt-every", "1", "--run-dir", str(run)],
+                                  signal.SIGINT, 2, twice=True)
+    assert code == 130 and "second Ctrl-C: exiting at once" in err and "stopped at step" not in out, (out, err)
+    step = train_cifar.load_checkpoint(str(run / "ckpt.pt"))["step"]
+    train_cifar.main(["--resume", str(run), "--max-steps", str(step + 1)])
+    assert step >= 1 and load_ckpt(run / "ckpt.pt")["step"] == step + 1
 
 
 @slow
