@@ -170,12 +170,6 @@ def test_positional_embedding_reference_values():
     assert pe[1, 64].item() == pytest.approx(-0.883849, abs=1e-6)
 
 
-def test_model_accepts_scalar_or_per_sample_times():
-    model = IMMModel(imm.MLP(width=32, depth=2), IMMConfig.toy()).eval()
-    x = torch.randn(6, 2)
-    torch.testing.assert_close(model(x, t=0.7, s=0.2), model(x, t=torch.full((6,), 0.7), s=torch.full((6,), 0.2)))
-
-
 def test_config_rejects_impossible_options():
     for bad in (dict(f_type="euler_fm", schedule="vp_cosine"), dict(t_min=0.5, T=0.4),
                 dict(schedule="linear"), dict(kernel="cosine"), dict(M=0)):
@@ -686,24 +680,19 @@ def test_augmentation_labels_enter_the_t_embedding_and_zero_labels_mean_none():
     torch.testing.assert_close(emb, ref, rtol=1e-12, atol=1e-12)
 
 
-def test_a_time_batch_of_one_equals_per_sample_times():
-    random_net = randomize_(tiny_net())
+def test_scalar_times_and_a_time_batch_of_one_equal_per_sample_times():
+    net = randomize_(tiny_net())
     x = torch.randn(2, 3, 8, 8)
     t, s = torch.tensor([700.0], dtype=torch.float64), torch.tensor([200.0], dtype=torch.float64)
+    model = IMMModel(net, IMMConfig())
     with torch.no_grad():
-        one = random_net(x, t, s)
-        per_sample = random_net(x, t.expand(2), s.expand(2))
-        single = random_net(x[1:], t, s)
+        one = net(x, t, s)
+        per_sample = net(x, t.expand(2), s.expand(2))
+        single = net(x[1:], t, s)
+        scalar, tensors = model(x, t=0.7, s=0.2), model(x, t=torch.full((2,), 0.7), s=torch.full((2,), 0.2))
     assert rel_err(one, per_sample) < 1e-6      # only the batch size of the matmuls differs
+    assert rel_err(scalar, tensors) < 1e-6
     assert rel_err(one[1:], single) < 1e-5      # batch-size-dependent fp32 conv round-off
-
-
-def test_f_is_identity_when_s_equals_t_with_the_real_network(random_net):
-    model = imm.IMMModel(random_net, imm.IMMConfig()).eval()
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64) * 0.5
-    t = torch.tensor([0.994, 0.3], dtype=torch.float64)
-    with torch.no_grad():
-        assert torch.equal(model(x, t=t, s=t), x)
 
 
 def test_network_depends_on_both_t_and_s_per_sample():
@@ -1077,26 +1066,14 @@ def test_save_image_grid_writes_a_png_of_the_right_size(tmp_path):
         assert gray.size == (30, 8) and gray.mode == "L"
 
 
-def test_sample_images_is_the_cifar_pushforward_sampler_seeded_per_batch():
-    model = imm.IMMModel(randomize_(tiny_net(dropout=0.5)), imm.IMMConfig()).train()
-    got = train_cifar.sample_images(model, 3, steps=2, seed=7, batch=2)
-    assert model.training   # sampled in eval mode (dropout off), then put back
-    model.eval()
-    want = []
-    for b, n in enumerate((2, 1)):   # batch b draws its prior noise from a generator seeded by (seed, b)
-        x = torch.randn(n, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(7 * 1_000_003 + b))
-        x = x * 0.5   # sigma_d
-        with torch.no_grad():
-            for t, s in zip(torch.tensor([0.994, 1.4 / 2.4]), torch.tensor([1.4 / 2.4, 0.006])):   # through eta 1.4
-                x = model(x, t=t.double(), s=s.double())
-        want.append(train_cifar.decode_images(x))
-    assert got.dtype == torch.uint8 and got.shape == (3, 8, 8, 3) and torch.equal(got, torch.cat(want))
-    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.5
-    with torch.no_grad():
-        one = train_cifar.decode_images(model(x, t=0.994, s=0.006))
-    assert torch.equal(train_cifar.sample_images(model, 2, steps=1), one)
-    with pytest.raises(ValueError, match="samples with 1 or 2 steps"):
-        train_cifar.sample_images(model, 2, steps=3)
+def test_sample_images_are_the_first_of_a_longer_draw_with_the_same_seed_and_differ_between_seeds():
+    """Batches are seeded by their index: 64 samples (a grid) are the first 64 of 200 (FID's) with the same seed and
+    batch size. They are drawn in eval mode (else dropout would make the two draws differ), and the mode is kept."""
+    model = IMMModel(randomize_(tiny_net(dropout=0.5)), IMMConfig()).train()
+    grid = train_cifar.sample_images(model, 64, seed=7, batch=32)
+    assert grid.dtype == torch.uint8 and grid.shape == (64, 8, 8, 3) and model.training
+    assert torch.equal(train_cifar.sample_images(model, 200, seed=7, batch=32)[:64], grid)
+    assert not torch.equal(train_cifar.sample_images(model, 64, seed=8, batch=32), grid)
 
 
 # ============================================================================= train_cifar.py
@@ -1772,30 +1749,36 @@ def test_running_out_of_memory_names_a_micro_batch_that_helps(tmp_path, monkeypa
         train_tiny(tmp_path, "--max-steps", "1")
 
 
-def test_help_explains_every_option_and_the_tiny_preset_yields_to_typed_options():
+def test_help_shows_every_default_as_the_value_it_parses_to_and_the_tiny_preset_yields_to_typed_options():
     parser = train_cifar.get_parser()
-    assert all(action.help for action in parser._actions)
+    defaults, formatter = parser.parse_args([]), parser._get_formatter()
+    for action in parser._actions[1:]:   # after --help
+        shown = re.fullmatch(r" \(default: (.*)\)", formatter._expand_help(action)[len(action.help):])
+        assert action.help and (shown is None) == (action.default in (None, "") or action.default is False), action.dest
+        if shown:   # typed as shown, it gives the default
+            typed = parser.parse_args([action.option_strings[0], shown.group(1)])
+            assert getattr(typed, action.dest) == getattr(defaults, action.dest), action.dest
     args = train_cifar.parse_args(["--tiny", "--channels", "48"])[0]
     assert (args.channels, args.channel_mult, args.num_blocks, args.batch) == (48, "1,2", 1, 32)
-    assert parser.parse_args([]).augment == 0.12   # the paper's CIFAR-10 recipe augments
+    assert defaults.augment == 0.12   # the paper's CIFAR-10 recipe augments
 
 
-@slow
-def test_console_lines_reach_a_pipe_as_they_are_printed(tmp_path):
-    cmd = [sys.executable, str(SCRIPT_DIR / "train_cifar.py"), *TINY_NET, "--fake-data", "--run-dir",
-           str(tmp_path / "r"), "--max-steps", "100000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    try:
-        for line in proc.stdout:
-            if line.startswith("step 1 |"):
-                break
-        log = tmp_path / "r" / "log.jsonl"   # the console line comes first, the log line right after it
-        logged = len(read_log(tmp_path / "r")) if log.exists() else 0
-    finally:
-        proc.kill()
-        proc.wait()
-    assert logged <= 5, f"the console lagged {logged} logged steps behind: block-buffered"   # 8 KB would be ~40
+def test_every_console_line_is_flushed_as_it_is_printed(tmp_path, monkeypatch):
+    """stdout redirected to a file or a pipe is block-buffered: a console line shows only once it is flushed."""
+    class Pipe(io.StringIO):   # counts the lines written since the last flush
+        held = most = 0
+
+        def write(self, text):
+            self.held += text.count("\n")
+            self.most = max(self.most, self.held)
+            return super().write(text)
+
+        def flush(self):
+            self.held = 0
+    monkeypatch.setattr(sys, "stdout", Pipe())
+    train_tiny(tmp_path, "--max-steps", "3")
+    lines = sys.stdout.getvalue().splitlines()   # run ..., 3 steps, done
+    assert len(lines) == 5 and sys.stdout.most == 1 and sys.stdout.held == 0, lines
 
 
 # ---------------------------------------------------------------------------------------------

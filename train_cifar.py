@@ -102,9 +102,10 @@ def number_list(kind, allow_empty=False):
     return parse
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):   # show defaults, except empty ones
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):   # show defaults, except empty ones (0 is a value)
     def _get_help_string(self, action):
-        return action.help if action.default in ("", None, False) else super()._get_help_string(action)
+        empty = action.default in ("", None) or action.default is False
+        return action.help if empty else super()._get_help_string(action)
 
 
 # --tiny: a network and batch that train on a laptop CPU (0.77M parameters); options typed on the command line win
