@@ -1072,6 +1072,7 @@ def test_sample_images_are_the_first_of_a_longer_draw_with_the_same_seed_and_dif
     model = IMMModel(randomize_(tiny_net(dropout=0.5)), IMMConfig()).train()
     grid = train_cifar.sample_images(model, 64, seed=7, batch=32)
     assert grid.dtype == torch.uint8 and grid.shape == (64, 8, 8, 3) and model.training
+    assert not torch.equal(grid[:32], grid[32:])   # each batch its own noise
     assert torch.equal(train_cifar.sample_images(model, 200, seed=7, batch=32)[:64], grid)
     assert not torch.equal(train_cifar.sample_images(model, 64, seed=8, batch=32), grid)
 
@@ -1463,20 +1464,6 @@ def test_fp16_with_loss_scaling_takes_the_fp32_step():
     assert rel_err(after["fp16"], after["fp32"]) < 0.1
 
 
-class KeepGradients:
-    """An optimiser that keeps the gradients train_step hands it, instead of stepping."""
-
-    def __init__(self, params):
-        self.params = list(params)
-
-    def step(self):
-        self.grads = [p.grad.clone() for p in self.params]
-
-    def zero_grad(self, set_to_none=True):
-        for p in self.params:
-            p.grad = None
-
-
 def test_a_training_step_in_channels_last_gives_the_loss_and_gradients_of_one_in_nchw():
     """Compiled and channels_last is the GPU default (main converts the model, not the images): one step of the NHWC
     model, whose every block then computes in NHWC, gives the NCHW step's loss and gradients (float64, to round-off)."""
@@ -1489,16 +1476,15 @@ def test_a_training_step_in_channels_last_gives_the_loss_and_gradients_of_one_in
         for block in (m for m in model.modules() if isinstance(m, imm.UNetBlock)):   # the layout each block computes in
             block.register_forward_hook(lambda m, i, out: nhwc.append(
                 out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()))
-        opt = KeepGradients(model.parameters())
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)   # the step is minus the gradient
         loss = train_cifar.train_step(model, opt, iter([(x.double(), noise.double(), times, labels)]), cfg, accum=1,
                                       autocast=contextlib.nullcontext())
-        steps.append((loss, opt.grads, nhwc))
+        steps.append((loss, [b - a for a, b in zip(net.parameters(), model.parameters())], nhwc))
     (loss, grads, nhwc), (loss_cl, grads_cl, nhwc_cl) = steps
-    assert not any(nhwc) and nhwc_cl and all(nhwc_cl)
+    assert not any(nhwc) and nhwc_cl and all(nhwc_cl) and sum(g.abs().sum() for g in grads) > 0
     torch.testing.assert_close(loss_cl, loss, rtol=1e-12, atol=0)
     for g, g_cl in zip(grads, grads_cl):
         torch.testing.assert_close(g_cl, g, rtol=1e-9, atol=1e-12)
-    assert sum(g.abs().sum() for g in grads) > 0
 
 
 def test_bench_counts_the_flops_of_each_loss_and_writes_no_run_folder(tmp_path, monkeypatch, capsys):
