@@ -1410,7 +1410,7 @@ def test_loss_per_time_bin_averages_back_to_the_logged_loss(tmp_path, capsys):
 def test_the_cifar_training_path_overfits_a_handful_of_images():
     """200 training steps (global_batch, micro_batches with the default augmentation, train_step, RAdam) of a tiny
     DDPM++ on 4 fixed 8x8 images bring its 1-step samples within 0.3 (RMS distance to the nearest training image or its
-    mirror; pixels in [-1, 1]) where the untrained network's lie 0.54 away; measured 0.16 to 0.21 over 4 seeds. k = 6
+    mirror; pixels in [-1, 1]) where the untrained network's lie 0.54 away; measured 0.16 to 0.21, seeds 0-4. k = 6
     (CIFAR: 15) takes the induction from r to t in coarser steps, so it reaches the 1-step jump within those steps."""
     cfg, (u, v) = IMMConfig.cifar(k=6), centred_pixels(8)
     data = torch.stack([torch.where(u ** 2 + v ** 2 < 7, torch.tensor([220, 60 + 20 * i, 40])[:, None, None],
