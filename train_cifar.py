@@ -113,9 +113,10 @@ def number_list(kind, allow_empty=False):
     return parse
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):   # show defaults, except empty ones
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):   # show defaults, except empty ones (0 is a value)
     def _get_help_string(self, action):
-        return action.help if action.default in ("", None, False) else super()._get_help_string(action)
+        empty = action.default in ("", None) or action.default is False
+        return action.help if empty else super()._get_help_string(action)
 
 
 # --tiny: a network and batch that train on a laptop CPU (0.77M parameters); options typed on the command line win
@@ -904,8 +905,8 @@ def sample_images(model, n, steps=2, sampler="pushforward", seed=0, batch=SAMPLE
     """n samples as uint8 NHWC on the CPU, with Algorithm 2 (pushforward) or 5 (restart) at sampling_times(steps). With
     world > 1 (every rank calls it) only this rank's share: batches rank, rank + world, ... (gather_images joins them).
     Batch b's prior noise comes from a generator seeded by (seed, b), restart's re-noising from a stream of its own,
-    both one row per image: an image depends only on (seed, batch, its index), so a 64-image grid is the first 64
-    images of any larger draw, and the number of ranks changes nothing."""
+    both one row per image: an image's noise depends only on (seed, batch, its index), so a 64-image grid starts from
+    the noise of the first 64 images of any larger draw, and the number of ranks changes nothing."""
     net, device, ts = model.model, next(model.parameters()).device, sampling_times(steps, model.cfg)
     shape, out = (net.in_channels, net.img_resolution, net.img_resolution), []
     for b in progress_bar(range(rank, math.ceil(n / batch), world), f"{steps}-step {sampler}", progress):
@@ -930,7 +931,7 @@ def gather_images(mine, n, env, batch=SAMPLE_BATCH):
 
 
 def save_grids(model, out_dir, tag, steps, sampler, seed):
-    """A grid of 64 samples per step count, samples<tag>_<sampler>_<n>step.png: the first 64 of the seed's samples."""
+    """A grid of 64 samples per step count, samples<tag>_<sampler>_<n>step.png, from the seed's first 64 noises."""
     for n in steps:
         save_image_grid(sample_images(model, 64, n, sampler, seed),
                         os.path.join(out_dir, f"samples{tag}_{sampler_name(sampler, model.cfg)}_{n}step.png"))
