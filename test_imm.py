@@ -477,7 +477,8 @@ def test_restart_with_one_step_equals_pushforward_and_renoises_otherwise():
     torch.testing.assert_close(imm.restart_sample(model, x_T, ts, generator=torch.Generator().manual_seed(9)), expected)
     # one noise row per sample: the first 8 of 16 samples get the noise of 8 samples drawn alone (8 x 3 x 2 values)
     x_T, ts = imm.prior_sample((16, 2), cfg), imm.timesteps(4, "uniform", cfg)
-    all16, first8 = (imm.restart_sample(model, x_T[:n], ts, generator=torch.Generator().manual_seed(9)) for n in (16, 8))
+    all16, first8 = (imm.restart_sample(model, x_T[:n], ts, generator=torch.Generator().manual_seed(9))
+                     for n in (16, 8))
     torch.testing.assert_close(all16[:8], first8)
 
 
@@ -1116,7 +1117,7 @@ def one_cpu_thread():
 
 
 def train_tiny(run_dir, *extra):
-    train_cifar.main(TINY_NET + ["--fake-data", "--run-dir", str(run_dir), *extra])
+    train_cifar.main(TINY_NET + ["--data-dir", "fake", "--run-dir", str(run_dir), *extra])
 
 
 def read_log(run_dir):
@@ -1158,7 +1159,7 @@ def torchrun(tmp_path, script, *args, nnodes=1, node_rank=0, port=None):
 TORCHRUN_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SCRIPT_DIR))
 # --tiny's network has a 1x1 convolution after attention, whose weight gradient once came in another layout than the
 # weight (DDP then warned "Grad strides do not match bucket view strides" and copied it); dropout masks are per rank
-DDP_RUN = ["--tiny", "--batch", "8", "--log-every", "1", "--fake-data", "--dropout", "0", "--max-steps", "3"]
+DDP_RUN = ["--tiny", "--batch", "8", "--log-every", "1", "--data-dir", "fake", "--dropout", "0", "--max-steps", "3"]
 
 
 def test_one_global_batch_split_over_1_2_and_4_ranks_and_micro_batches_gives_the_same_particles_in_order():
@@ -1249,7 +1250,7 @@ def test_resume_continues_exactly_with_every_option_of_the_checkpoint(tmp_path, 
     train_tiny(tmp_path / "part", *options, "--max-steps", "2")
     with open(tmp_path / "part" / "log.jsonl", "a") as f:    # logged after the checkpoint, then kill -9
         f.write(json.dumps(dict(step=3, loss=1.0)) + "\n")
-    monkeypatch.setattr(train_cifar, "load_dataset", lambda *a, **k: pytest.fail("a --fake-data run loaded data"))
+    monkeypatch.setattr(train_cifar, "load_dataset", lambda *a, **k: pytest.fail("a --data-dir fake run loaded data"))
     capsys.readouterr()
     train_cifar.main(["--resume", "auto", "--run-dir", str(tmp_path / "part"), "--max-steps", "4"])  # nothing else
     out = capsys.readouterr().out
@@ -1380,7 +1381,7 @@ def signal_after(cmd, sig, step, env=None, twice=False):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_training_after_a_step_with_a_checkpoint_that_resumes_exactly(tmp_path, sig):
     run = tmp_path / "run"
-    cmd = [sys.executable, str(SCRIPT_DIR / "train_cifar.py"), *TINY_NET, "--fake-data", "--max-steps", "100000",
+    cmd = [sys.executable, str(SCRIPT_DIR / "train_cifar.py"), *TINY_NET, "--data-dir", "fake", "--max-steps", "100000",
            "--run-dir", str(run)]
     code, out, err = signal_after(cmd, sig, 2)
     step = load_ckpt(run / "ckpt.pt")["step"]
@@ -1397,7 +1398,7 @@ def test_a_second_ctrl_c_exits_at_once_and_the_checkpoint_before_it_still_resume
     """The first Ctrl-C asks for a checkpoint after the step; the second, 0.1 s later (the step, its checkpoint and
     grids take seconds here), exits at once with 130: no final checkpoint, and the one before still resumes."""
     run = tmp_path / "run"
-    code, out, err = signal_after([sys.executable, str(SCRIPT_DIR / "train_cifar.py"), *TINY_NET, "--fake-data",
+    code, out, err = signal_after([sys.executable, str(SCRIPT_DIR / "train_cifar.py"), *TINY_NET, "--data-dir", "fake",
                                    "--max-steps", "100000", "--ckpt-every", "1", "--run-dir", str(run)],
                                   signal.SIGINT, 2, twice=True)
     assert code == 130 and "second Ctrl-C: exiting at once" in err and "stopped at step" not in out, (out, err)
@@ -1417,7 +1418,7 @@ def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step_and_errors_pri
     assert_same_training(tmp_path / "ddp", tmp_path / "one")
     for bad, message in ((["--batch", "33"], "--batch 33 is not divisible by the 2 processes"),
                          (["--dropout", "1.5"], "argument --dropout: must be in [0, 1), got 1.5")):
-        proc = subprocess.run(torchrun(tmp_path, SCRIPT_DIR / "train_cifar.py", "--tiny", "--fake-data", *bad),
+        proc = subprocess.run(torchrun(tmp_path, SCRIPT_DIR / "train_cifar.py", "--tiny", "--data-dir", "fake", *bad),
                               env=TORCHRUN_ENV, cwd=tmp_path, capture_output=True, text=True, timeout=150)
         assert proc.returncode != 0 and (proc.stdout + proc.stderr).count(message) == 1, proc.stderr[-2000:]
 
@@ -1485,7 +1486,7 @@ def test_a_write_that_fails_mid_log_line_stops_in_one_line_and_resume_cuts_the_t
 
 def test_a_second_process_on_a_run_folder_is_refused_naming_the_holder_and_a_kill_9_leaves_no_stale_lock(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, str(SCRIPT_DIR / "train_cifar.py"), *TINY_NET, "--fake-data", "--max-steps", "100000",
+    cmd = [sys.executable, str(SCRIPT_DIR / "train_cifar.py"), *TINY_NET, "--data-dir", "fake", "--max-steps", "100000",
            "--ckpt-every", "1", "--run-dir", str(run)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -1589,7 +1590,7 @@ def caught_signals(pid):   # the stop signals that process `pid` running train_c
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_during_start_up_ends_the_process_in_one_line_with_128_plus_its_number(tmp_path, sig):
-    cmd = [sys.executable, str(SCRIPT_DIR / "train_cifar.py"), *TINY_NET, "--fake-data", "--max-steps", "100000",
+    cmd = [sys.executable, str(SCRIPT_DIR / "train_cifar.py"), *TINY_NET, "--data-dir", "fake", "--max-steps", "100000",
            "--run-dir", str(tmp_path / "run")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -1951,7 +1952,7 @@ def test_augmentation_probabilities_follow_edm():
 ])
 def test_bad_options_are_refused_in_one_line(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as e:
-        train_cifar.main(TINY_NET + ["--fake-data", "--run-dir", str(tmp_path / "r")] + argv)
+        train_cifar.main(TINY_NET + ["--data-dir", "fake", "--run-dir", str(tmp_path / "r")] + argv)
     text = capsys.readouterr().err if e.value.code == 2 else str(e.value)   # 2: argparse's own exit, on stderr
     assert message in text and text.strip().count("\n") == 0, text
     assert not (tmp_path / "r").exists()
@@ -2048,7 +2049,8 @@ def test_sample_writes_a_grid_and_an_npz_per_step_count_and_the_grid_shows_the_f
         np.testing.assert_array_equal(grid, x[n][:64])
         assert f"sampling 70 images at {n}-step restart (1 process(es))" in out and f"wrote {stem}.png and" in out
     assert not np.array_equal(x[4], x[8])
-    train_cifar.main(["--sample", str(tmp_path), "--steps", "8", "--sampler", "restart", "--run-dir", str(tmp_path / "b")])
+    train_cifar.main(["--sample", str(tmp_path), "--steps", "8", "--sampler", "restart", "--run-dir",
+                      str(tmp_path / "b")])
     with Image.open(tmp_path / "b" / "samples_ema0.9999_restart_8step.png") as png:   # without --n: the same grid
         assert np.array_equal(np.array(png), np.array(Image.open(tmp_path / "samples_ema0.9999_restart_8step.png")))
     assert not list((tmp_path / "b").glob("*.npz"))
@@ -2087,13 +2089,13 @@ def test_fid_during_training_and_fid_mode_score_the_slowest_ema_by_default(tmp_p
     write_cifar_python(tmp_path / "data" / "cifar-10-batches-py")
     fake_inception(monkeypatch)
     train_cifar.main(TINY_NET + ["--data-dir", str(tmp_path / "data"), "--run-dir", str(tmp_path / "r"), "--seed", "3",
-                                 "--max-steps", "2", "--fid-every", "2", "--n", "6", "--ema", "0.5,0.9", "--steps", "1,3",
-                                 "--sampler", "restart"])
+                                 "--max-steps", "2", "--fid-every", "2", "--n", "6", "--ema", "0.5,0.9",
+                                 "--steps", "1,3", "--sampler", "restart"])
     [fid] = [r for r in read_log(tmp_path / "r") if "fid_model" in r]
     one, three = fid["fid_restart_1step"], fid["fid_restart_3step"]
     assert fid["step"] == 2 and fid["fid_model"] == "ema0.9" and one > 0 and three > 0 and one != three
     assert "FID (6 samples): 6 samples vs 10 training images" in fid["fid_protocol"]
-    assert f"step 2 | FID of the EMA 0.9: 1-step restart {one:.2f} | 3-step restart {three:.2f}" in \
+    assert f"step 2 | 1-step restart FID {one:.3f} (ema0.9)\nstep 2 | 3-step restart FID {three:.3f}" in \
         capsys.readouterr().out
     train_cifar.main(["--fid", str(tmp_path / "r"), "--data-dir", str(tmp_path / "data"), "--n", "6", "--steps", "1,3",
                       "--sampler", "restart"])   # the run's seed, 3: the same samples, the same numbers

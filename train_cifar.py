@@ -147,8 +147,7 @@ def get_parser():
       "3], key arr_0); FID (--fid, --fid-every) uses this many (default 50000)")
     # data
     a("--data-dir", default="./data", help="CIFAR-10 root (holds cifar-10-batches-py), that folder itself, or a folder "
-      "of 32x32 images; a new or empty folder gets CIFAR-10 downloaded into it")
-    a("--fake-data", action="store_true", help="random images instead of a dataset: smoke tests and benchmarks only")
+      "of 32x32 images; a new or empty folder gets CIFAR-10 downloaded into it. 'fake': random images (smoke tests)")
     a("--augment", type=float_in(0, 1, hi_open=False), default=0.12,
       help="EDM augmentation probability (the paper's CIFAR-10 recipe, Table 5), with the 9 augmentation labels fed to "
            "the network; 0: x-flips only")
@@ -1001,8 +1000,8 @@ def fid_reference(images, data_dir, env):
     rank and cached next to them, keyed by a hash of the images and the feature extractor: --fid-every and later --fid
     calls reuse them."""
     extractor = fid_feature_extractor(env.device)
-    key = hashlib.sha256(images.cpu().numpy().tobytes() + extractor.name.encode()).hexdigest()[:16] if env.master else ""
-    path = os.path.join(data_dir, f"fid_reference_{key}.npz")
+    key = hashlib.sha256(images.cpu().numpy().tobytes() + extractor.name.encode()).hexdigest() if env.master else ""
+    path = os.path.join(data_dir, f"fid_reference_{key[:16]}.npz")
     cached = torch.tensor(float(env.master and os.path.isfile(path)), device=env.device)
     if env.ddp:   # rank 0's cache decides for every rank: computing the statistics is collective
         dist.broadcast(cached, 0)
@@ -1018,29 +1017,30 @@ def fid_reference(images, data_dir, env):
     return stats, len(images)
 
 
-def fid_of(model, args, env, reference):
-    """{fid_<sampler>_<steps>step: FID, fid_protocol: text} of `model` at each of --steps: every rank samples its share
-    of --n images and extracts their features; the value is rank 0's."""
+def fid_of(model, args, env, reference, name):
+    """({fid_<sampler>_<steps>step: FID, fid_protocol: text}, one line per step count) of `model` (called `name`) at
+    each of --steps: every rank samples its share of --n images and extracts their features; the values are rank 0's."""
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
     (ref, n_ref), extractor = reference, fid_feature_extractor(env.device)
-    sampler, n, rec = sampler_name(args.sampler, model.cfg), args.n or 50_000, {}
+    sampler, n, rec, lines = sampler_name(args.sampler, model.cfg), args.n or 50_000, {}, []
     for steps in ints(args.steps):
         env.say(f"FID: {n} samples at {steps}-step {sampler} ({env.world} process(es))")
         x = sample_images(model, n, steps, args.sampler, args.seed, rank=env.rank, world=env.world, progress=env.master)
         stats = fid_statistics(x.permute(0, 3, 1, 2), extractor, env, progress=env.master)
         if env.master:
-            rec[f"fid_{sampler}_{steps}step"] = fid_statistics_to_metric(stats, ref, verbose=False)[KEY_METRIC_FID]
-    name = f"FID-{n // 1000}k" if n % 1000 == 0 else f"FID ({n} samples)"
-    rec["fid_protocol"] = (f"{name}: {n} samples vs {n_ref} training images, {extractor.name}, images decoded as "
+            fid = rec[f"fid_{sampler}_{steps}step"] = fid_statistics_to_metric(stats, ref, False)[KEY_METRIC_FID]
+            lines.append(f"{steps}-step {sampler} FID {fid:.3f} ({name})")
+    what = f"FID-{n // 1000}k" if n % 1000 == 0 else f"FID ({n} samples)"
+    rec["fid_protocol"] = (f"{what}: {n} samples vs {n_ref} training images, {extractor.name}, images decoded as "
                            f"clip(x * 127.5 + 128, 0, 255) uint8")
-    return rec
+    return rec, lines
 
 
 def fid_during_training(args, env, data):
     """(every, reference statistics) for --fid-every; (0, None) with one line, never fatal, when FID cannot be had."""
     if not args.fid_every:
         return 0, None
-    reason = "--fake-data has no real images to compare with" if args.fake_data else None
+    reason = "--data-dir fake has no real images to compare with" if args.data_dir == "fake" else None
     try:
         reason or env.rank0_first(lambda: fid_setup(env.say), local=True)
     except SystemExit as e:
@@ -1160,13 +1160,12 @@ def evaluate(args, env):
     check_sampler(args.sampler, model.cfg.f_type == "euler_fm")
     args.seed = run.get("seed", 0) if args.seed is None else args.seed
     precision_setup(args.precision or run.get("precision", "bf16"), env.device.type)   # as --fid-every in the run
-    out_dir, model, sampler = args.run_dir or out_dir, model.to(env.device).eval(), sampler_name(args.sampler, model.cfg)
+    out_dir, sampler, model = args.run_dir or out_dir, sampler_name(args.sampler, model.cfg), model.to(env.device)
     os.makedirs(out_dir, exist_ok=True)
     if args.fid:
-        rec = fid_of(model, args, env, fid_reference(data, args.data_dir, env))
+        rec, lines = fid_of(model, args, env, fid_reference(data, args.data_dir, env), name)
         if env.master:
-            lines = [f"{n}-step {sampler} FID {rec[f'fid_{sampler}_{n}step']:.3f} ({name})  [{rec['fid_protocol']}]"
-                     for n in ints(args.steps)]
+            lines = [f"{line}  [{rec['fid_protocol']}]" for line in lines]
             print("\n".join(lines), flush=True)
             with open(os.path.join(out_dir, "fid.txt"), "a") as f:
                 f.write("\n".join(lines) + "\n")
@@ -1203,7 +1202,7 @@ def main(argv=None):
                  f"follow from its options): resume it with that version")
 
     # Data: rank 0 downloads if needed while the others wait; the whole set lives on the device as uint8
-    if args.fake_data or args.bench:
+    if args.data_dir == "fake" or args.bench:
         data = torch.randint(0, 256, (2048, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     else:
         data = env.rank0_first(lambda: load_dataset(args.data_dir), local=True)
@@ -1320,11 +1319,9 @@ def main(argv=None):
                         halt(write_failed(run_dir, e), resume=True)
                 last_good = ckpt_file
             if fid_every and step % fid_every == 0:
-                rec = dict(step=step, fid_model=f"ema{slowest:g}", **fid_of(emas[slowest], args, env, reference))
-                say(f"step {step} | FID of the EMA {slowest:g}: " + " | ".join(
-                    f"{k.split('_')[2][:-4]}-step {k.split('_')[1]} {v:.2f}" for k, v in rec.items()
-                    if k.startswith("fid_") and k.endswith("step")) + f" | {rec['fid_protocol']}")
-                log(rec)
+                rec, lines = fid_of(emas[slowest], args, env, reference, f"ema{slowest:g}")
+                say("\n".join(f"step {step} | {line}" for line in lines))
+                log(dict(step=step, fid_model=f"ema{slowest:g}", **rec))
             t_last += time.time() - t_eval
     env.close()
     if stop and step < args.max_steps:   # a stop during the last step finishes the run
