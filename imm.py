@@ -810,7 +810,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int_at_least(1), default=2000, help="training steps for each method")
     p.add_argument("--batch", type=int_at_least(4, multiple_of=4), default=512,
                    help="training batch (a multiple of M=4)")
-    p.add_argument("--n-eval", type=int_at_least(2), default=10000, help="samples for SW2 and the share on black squares")
+    p.add_argument("--n-eval", type=int_at_least(2), default=10000, help="samples for SW2 and the share on squares")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="imm_2d.png", help="where to write the figure")
     args = p.parse_args(argv)
@@ -839,8 +839,9 @@ def main(argv=None):
     for key, x in samples.items():
         results[key] = sliced_wasserstein(x, ref), share_on_black_squares(x) if on_board else float("nan")
 
-    print(f"\nsliced Wasserstein-2 distance (SW2) to fresh {args.data} data, {args.n_eval} samples, lower is better"
-          + (";\nshare: the share of samples on a black square (data 1.00, uniform on the board 0.50)" if on_board else ""))
+    print(f"\nsliced Wasserstein-2 distance (SW2) to fresh {args.data} data, {args.n_eval} samples, lower is better")
+    if on_board:
+        print("share: the share of samples on a black square (data 1.00, uniform on the board 0.50)")
     rows = (("imm", "pushforward", "IMM pushforward"), ("imm", "restart", "IMM restart"),
             ("fm", "pushforward", "flow matching"))
     print(f"{'steps':>5} " + "".join(f"{name:>17}" for *_, name in rows))

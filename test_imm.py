@@ -492,7 +492,7 @@ def test_sliced_wasserstein_of_a_translation_is_its_length_over_root_two():
 def test_share_on_black_squares_is_one_for_checkerboard_data_and_zero_on_the_white_squares():
     x = imm.toy_data(4000, generator=torch.Generator().manual_seed(0))
     assert imm.share_on_black_squares(x) == 1.0
-    mirrored = x * torch.tensor([-1.0, 1.0])            # x1 -> -x1 flips the column's parity: every black square to white
+    mirrored = x * torch.tensor([-1.0, 1.0])            # x1 -> -x1 flips the column's parity: black squares to white
     assert imm.share_on_black_squares(mirrored) == 0.0
     assert imm.share_on_black_squares(x + 4.0) == 0.0   # off the board
     on_edge = torch.tensor([[-1.5, -1.5], [-0.5, -1.5], [2.0, 1.5]])   # black, white, black (the board's right edge)
