@@ -712,6 +712,16 @@ def sliced_wasserstein(x, y, n_proj=256, seed=0):
     return (px - py).square().mean().sqrt().item()
 
 
+def share_on_black_squares(x):
+    """Fraction of 2D points on a black square of toy_data's checkerboard (data 1.0, uniform on the board 0.5).
+
+    The board is the 4x4 grid of unit cells over [-2, 2]^2; a cell is black where its column and row have the same
+    parity. SW2 sees the board only through 1D projections, which a uniform cloud nearly matches; this sees the pattern.
+    """
+    col, row = (x.double() + 2).floor().clamp(0, 3).unbind(1)   # a point on the board's right or top edge: last cell
+    return ((x.abs() <= 2).all(1) & (col % 2 == row % 2)).double().mean().item()
+
+
 # ---------------------------------------------------------------------------------------------
 # 9. 2D demo: IMM against flow matching with the same network, step budget and sampler code
 # ---------------------------------------------------------------------------------------------
@@ -760,10 +770,16 @@ def train_2d(method, cfg, data="checkerboard", steps=3000, batch=1024, lr=1e-3, 
     return ema, losses
 
 
-def sample_2d(model, n, n_steps, seed=0, kind="uniform"):
-    """n samples from a trained 2D model with the pushforward sampler, as float32."""
-    x_T = prior_sample((n, 2), model.cfg, generator=torch.Generator().manual_seed(seed))
-    return pushforward_sample(model, x_T, timesteps(n_steps, kind, model.cfg)).float()
+def sample_2d(model, n, n_steps, seed=0, kind="uniform", sampler="pushforward"):
+    """n samples from a trained 2D model with the 'pushforward' (Algorithm 2) or 'restart' (Algorithm 5) sampler,
+    as float32; restart's re-noising comes from the same seeded generator as the prior."""
+    gen = torch.Generator().manual_seed(seed)
+    x_T, ts = prior_sample((n, 2), model.cfg, generator=gen), timesteps(n_steps, kind, model.cfg)
+    if sampler == "pushforward":
+        return pushforward_sample(model, x_T, ts).float()
+    if sampler == "restart":
+        return restart_sample(model, x_T, ts, generator=gen).float()
+    raise ValueError(f"sample_2d: sampler must be 'pushforward' or 'restart', got {sampler!r}")
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -794,7 +810,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int_at_least(1), default=2000, help="training steps for each method")
     p.add_argument("--batch", type=int_at_least(4, multiple_of=4), default=512,
                    help="training batch (a multiple of M=4)")
-    p.add_argument("--n-eval", type=int_at_least(2), default=10000, help="samples for the sliced Wasserstein distance")
+    p.add_argument("--n-eval", type=int_at_least(2), default=10000, help="samples for SW2 and the share on squares")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="imm_2d.png", help="where to write the figure")
     args = p.parse_args(argv)
@@ -812,33 +828,43 @@ def main(argv=None):
         tail = losses[-100:]
         print(f"trained {method.upper():>3} for {args.steps} steps in {time.time() - t0:.1f}s "
               f"(final loss {sum(tail) / len(tail):.4g})", flush=True)
-        for n in (1, 2, 4, 8) + ((100,) if method == "fm" else ()):
-            samples[method, n] = sample_2d(model, args.n_eval, n, seed=args.seed + 10)
+        # IMM with both samplers; FM only pushes forward (its restart would jump to t = 0 with one Euler step)
+        for sampler in ("pushforward", "restart") if method == "imm" else ("pushforward",):
+            for n in (1, 2, 4, 8) + ((100,) if method == "fm" else ()):
+                samples[method, sampler, n] = sample_2d(model, args.n_eval, n, seed=args.seed + 10, sampler=sampler)
     data_gen = torch.Generator().manual_seed(args.seed + 20)
     ref, ref2 = toy_data(args.n_eval, args.data, data_gen), toy_data(args.n_eval, args.data, data_gen)
     floor = sliced_wasserstein(ref, ref2)
+    on_board = args.data == "checkerboard"   # the share on black squares means something on the checkerboard only
     for key, x in samples.items():
-        results[key] = sliced_wasserstein(x, ref)
+        results[key] = sliced_wasserstein(x, ref), share_on_black_squares(x) if on_board else float("nan")
 
-    print(f"\nsliced Wasserstein-2 distance to fresh {args.data} data ({args.n_eval} samples; lower is better)")
-    print(f"{'steps':>6} {'IMM':>9} {'flow matching':>14}")
-    for n in (1, 2, 4, 8):
-        print(f"{n:>6} {results['imm', n]:>9.4f} {results['fm', n]:>14.4f}")
-    print(f"{100:>6} {'':>9} {results['fm', 100]:>14.4f}")
+    print(f"\nsliced Wasserstein-2 distance (SW2) to fresh {args.data} data, {args.n_eval} samples, lower is better")
+    if on_board:
+        print("share: the share of samples on a black square (data 1.00, uniform on the board 0.50)")
+    rows = (("imm", "pushforward", "IMM pushforward"), ("imm", "restart", "IMM restart"),
+            ("fm", "pushforward", "flow matching"))
+    print(f"{'steps':>5} " + "".join(f"{name:>17}" for *_, name in rows))
+    print(f"{'':>5} " + f"{'SW2':>11} {'share':>5}" * 3)
+    for n in (1, 2, 4, 8, 100):
+        print(f"{n:>5} " + "".join(f"{results[m, sm, n][0]:>11.4f} {results[m, sm, n][1]:>5.3f}"
+                                   if (m, sm, n) in results else " " * 17 for m, sm, _ in rows))
     print(f"floor (two independent data draws): {floor:.4f}")
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 5, figsize=(15, 6.4), sharex=True, sharey=True)
+    fig, axes = plt.subplots(3, 5, figsize=(15, 9.6), sharex=True, sharey=True)
     show = 5000
-    for row, method, name in ((0, "imm", "IMM"), (1, "fm", "FM")):
+    for row, (method, sampler, name) in enumerate(rows):
         axes[row, 0].scatter(*ref[:show].T, s=1, c="#000000")
         axes[row, 0].set_title("data")
         for col, n in enumerate((1, 2, 4, 8), start=1):
-            axes[row, col].scatter(*samples[method, n][:show].T, s=1, c="#0072B2" if row == 0 else "#D55E00")
-            axes[row, col].set_title(f"{name}, {n} step{'s' * (n > 1)}: SW2 {results[method, n]:.3f}")
-        axes[row, 0].set_ylabel("IMM" if row == 0 else "flow matching (FM)")
+            sw2, share = results[method, sampler, n]
+            axes[row, col].scatter(*samples[method, sampler, n][:show].T, s=1, c=("#0072B2", "#009E73", "#D55E00")[row])
+            axes[row, col].set_title(f"{n} step{'s' * (n > 1)}: SW2 {sw2:.3f}" + f", share {share:.2f}" * on_board,
+                                     fontsize=10)
+        axes[row, 0].set_ylabel(name)
     for ax in axes.flat:
         ax.set_aspect("equal")
         ax.set_xlim(-2.6, 2.6)

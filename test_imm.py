@@ -489,6 +489,16 @@ def test_sliced_wasserstein_of_a_translation_is_its_length_over_root_two():
     assert imm.sliced_wasserstein(x, x + shift, n_proj=512) == pytest.approx(0.5 / math.sqrt(2), rel=1e-9)
 
 
+def test_share_on_black_squares_is_one_for_checkerboard_data_and_zero_on_the_white_squares():
+    x = imm.toy_data(4000, generator=torch.Generator().manual_seed(0))
+    assert imm.share_on_black_squares(x) == 1.0
+    mirrored = x * torch.tensor([-1.0, 1.0])            # x1 -> -x1 flips the column's parity: black squares to white
+    assert imm.share_on_black_squares(mirrored) == 0.0
+    assert imm.share_on_black_squares(x + 4.0) == 0.0   # off the board
+    on_edge = torch.tensor([[-1.5, -1.5], [-0.5, -1.5], [2.0, 1.5]])   # black, white, black (the board's right edge)
+    assert imm.share_on_black_squares(on_edge) == pytest.approx(2 / 3)
+
+
 # ----------------------------------------------------------------------------- training end to end
 
 def test_a_tiny_2d_run_makes_two_step_imm_beat_two_step_flow_matching():
@@ -515,6 +525,11 @@ def test_the_demo_runs_from_the_command_line(tmp_path):
     lines = res.stdout.splitlines()   # progress while each method trains, then its summary
     assert lines[0].startswith("  IMM step 20/20 (") and lines[1].startswith("trained IMM for 20 steps")
     assert lines[2].startswith("  FM step 20/20 (") and lines[3].startswith("trained  FM for 20 steps")
+    table = lines[lines.index("steps   IMM pushforward      IMM restart    flow matching") + 2:]
+    rows = {int(line.split()[0]): [float(v) for v in line.split()[1:]] for line in table[:5]}
+    assert sorted(rows) == [1, 2, 4, 8, 100] and all(len(rows[n]) == 6 for n in (1, 2, 4, 8)) and len(rows[100]) == 2
+    assert rows[1][:2] == rows[1][2:4]   # one restart step is one pushforward step (SW2 and share)
+    assert rows[2][:2] != rows[2][2:4]   # ... and two are not
     help_text = subprocess.run([sys.executable, os.path.join(HERE, "imm.py"), "--help"], capture_output=True,
                                text=True).stdout
     for option in ("--steps", "--seed", "--out", "--data"):
