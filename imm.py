@@ -837,7 +837,7 @@ def main(argv=None):
     floor = sliced_wasserstein(ref, ref2)
     on_board = args.data == "checkerboard"   # the share on black squares means something on the checkerboard only
     for key, x in samples.items():
-        results[key] = sliced_wasserstein(x, ref), share_on_black_squares(x) if on_board else float("nan")
+        results[key] = sliced_wasserstein(x, ref), f"{share_on_black_squares(x):.3f}" if on_board else "-"
 
     print(f"\nsliced Wasserstein-2 distance (SW2) to fresh {args.data} data, {args.n_eval} samples, lower is better")
     if on_board:
@@ -847,7 +847,7 @@ def main(argv=None):
     print(f"{'steps':>5} " + "".join(f"{name:>17}" for *_, name in rows))
     print(f"{'':>5} " + f"{'SW2':>11} {'share':>5}" * 3)
     for n in (1, 2, 4, 8, 100):
-        print(f"{n:>5} " + "".join(f"{results[m, sm, n][0]:>11.4f} {results[m, sm, n][1]:>5.3f}"
+        print(f"{n:>5} " + "".join(f"{results[m, sm, n][0]:>11.4f} {results[m, sm, n][1]:>5}"
                                    if (m, sm, n) in results else " " * 17 for m, sm, _ in rows))
     print(f"floor (two independent data draws): {floor:.4f}")
 
@@ -862,7 +862,7 @@ def main(argv=None):
         for col, n in enumerate((1, 2, 4, 8), start=1):
             sw2, share = results[method, sampler, n]
             axes[row, col].scatter(*samples[method, sampler, n][:show].T, s=1, c=("#0072B2", "#009E73", "#D55E00")[row])
-            axes[row, col].set_title(f"{n} step{'s' * (n > 1)}: SW2 {sw2:.3f}" + f", share {share:.2f}" * on_board,
+            axes[row, col].set_title(f"{n} step{'s' * (n > 1)}: SW2 {sw2:.3f}" + f", share {share}" * on_board,
                                      fontsize=10)
         axes[row, 0].set_ylabel(name)
     for ax in axes.flat:
