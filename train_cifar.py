@@ -97,16 +97,13 @@ def float_in(lo, hi, hi_open=True):   # argparse type: a float in [lo, hi) (or [
 
 
 def number_list(kind, allow_empty=False):
-    """argparse type: comma-separated numbers, such as '2,2,2' (kind=int: positive integers, kept as that string) or
-    '0.999,0.9999' (kind=float: EMA rates in [0, 1), returned as a sorted tuple)."""
+    """argparse type: positive ints as a string ('2,2,2'), or floats in [0, 1) as a sorted tuple ('0.999,0.9999')."""
     def parse(text):
         try:
             values = [kind(v) for v in text.split(",") if v.strip()]
+            if not (values or allow_empty) or not all(0 < v if kind is int else 0 <= v < 1 for v in values):
+                raise ValueError   # out of range: the same message as a typo
         except ValueError:
-            values = None
-        ok = values is not None and (values or allow_empty) and all(0 < v if kind is int else 0 <= v < 1
-                                                                     for v in values)
-        if not ok:
             example = "2,2,2 (positive integers)" if kind is int else "0.999,0.9999 (each in [0, 1))"
             raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as {example}, got {text!r}")
         return ",".join(map(str, values)) if kind is int else tuple(sorted(values))
@@ -132,15 +129,12 @@ def get_parser():
     p = ArgParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     a = p.add_argument
     pos, nonneg = int_at_least(1), int_at_least(0)
-    model_help = ("a checkpoint, a run folder, or 'official' (the released model; a path or URL of that file also "
-                  "works)")
-    a("--sample", metavar="MODEL", help=f"write a grid of MODEL's samples per --steps (and with --n, the samples as "
-      f"npz), then exit: {model_help}")
+    a("--sample", metavar="MODEL", help="write a grid of MODEL's samples per --steps (with --n, also the samples as "
+      "npz), then exit: a checkpoint, a run folder, or 'official' (the released model; a path or URL of it also works)")
     a("--fid", metavar="MODEL", help="FID of MODEL's samples per --steps against the training images, then exit")
     # sampling: --sample, --fid, and a run's grids and --fid-every
     a("--steps", type=number_list(int), default="1,2", help="sampling steps, a list: 1 and 2 use the official CIFAR-10 "
-      "time lists ([T, t_min] and [T, eta^-1(1.4), t_min]); more steps are uniform in t (Eq. 117), as in the paper's "
-      "multi-step results (Table 2, Fig. 6). Flow matching: Euler steps, uniform in t")
+      "lists, more are uniform in t (Eq. 117, the paper's multi-step results); flow matching: uniform Euler steps")
     a("--sampler", choices=["pushforward", "restart"], default="pushforward",
       help="pushforward (Algorithm 2: t_i -> t_i+1) or restart (Algorithm 5: t_i -> t_min, re-noised to t_i+1)")
     a("--n", type=pos, help="samples per step count: --sample also writes them as samples_*.npz (uint8 [N, 32, 32, "
@@ -148,17 +142,15 @@ def get_parser():
     # data
     a("--data-dir", default="./data", help="CIFAR-10 root (holds cifar-10-batches-py), that folder itself, or a folder "
       "of 32x32 images; a new or empty folder gets CIFAR-10 downloaded into it. 'fake': random images (smoke tests)")
-    a("--augment", type=float_in(0, 1, hi_open=False), default=0.12,
-      help="EDM augmentation probability (the paper's CIFAR-10 recipe, Table 5), with the 9 augmentation labels fed to "
-           "the network; 0: x-flips only")
+    a("--augment", type=float_in(0, 1, hi_open=False), default=0.12, help="EDM augmentation probability (the paper's "
+      "CIFAR-10 recipe, Table 5), with the 9 augmentation labels fed to the network; 0: x-flips only")
     # network: DDPM++ (paper App. I.1); small values give the tiny networks of the tests
     a("--tiny", action="store_true", help="a tiny network and batch for a CPU smoke run: " +
       " ".join(f"--{k.replace('_', '-')} {v}" for k, v in TINY.items()) + " (options typed as well win)")
     a("--channels", type=pos, default=128, help="DDPM++ base channels (model_channels)")
     a("--channel-mult", type=number_list(int), default="2,2,2", help="channel multiplier per resolution")
     a("--num-blocks", type=pos, default=4, help="residual blocks per resolution")
-    a("--attn", type=number_list(int, allow_empty=True), default="16",
-      help="resolutions with self-attention ('' for none)")
+    a("--attn", type=number_list(int, allow_empty=True), default="16", help="resolutions with attention ('': none)")
     a("--dropout", type=float_in(0, 1), default=0.2, help="dropout inside the residual blocks")
     # method (the rest is imm.IMMConfig.cifar())
     a("--loss", choices=["imm", "fm"], default="imm",
@@ -183,8 +175,7 @@ def get_parser():
       "always fp32. --sample/--fid: the run's TF32 switches (the network samples in fp32)")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model and keep it in "
       "channels_last (default: on with CUDA, off on CPU; the first steps then take ~3 min)")
-    a("--seed", type=int, help="seed of the initialisation and of all random draws (default 0; --sample/--fid: the "
-      "run's)")
+    a("--seed", type=int, help="seed of the initialisation and all random draws (default 0; --sample/--fid: the run's)")
     # the run folder: logs, grids, checkpoints, FID
     a("--run-dir", default="", help="folder for logs, grids and checkpoints (default: runs/<date-time>, or the resumed "
       "run's folder); a folder that already holds a run is only continued with --resume")
