@@ -201,11 +201,6 @@ def net_kwargs(args):   # DDPMpp's arguments
                 attn_resolutions=ints(args.attn), dropout=args.dropout, augment_dim=9 if args.augment else 0)
 
 
-def imm_config(args):
-    return IMMConfig.cifar(M=args.M, k=args.k, min_gap=args.min_gap, temb=args.temb,
-                           f_type="euler_fm" if args.loss == "fm" else "simple_edm")
-
-
 def shown(value):   # an option's value as typed: 0.999,0.9999 rather than (0.999, 0.9999)
     return ",".join(map(str, value)) if isinstance(value, tuple) else value
 
@@ -346,8 +341,7 @@ def parse_args(argv=None):
     if not (args.sample or args.fid):   # --sample/--fid take these from the run they sample (evaluate)
         args.ema, args.seed, args.precision = args.ema or (0.9999,), args.seed or 0, args.precision or "bf16"
     if ckpt:
-        fixed = [k for k, _, _ in changed
-                 if k in FIXED_OPTIONS or (k == "augment" and net_kwargs(args) != ckpt["net"])]
+        fixed = [k for k, _, _ in changed if k in FIXED_OPTIONS or (k == "augment" and net_kwargs(args) != ckpt["net"])]
         if fixed:
             names = ", ".join(f"--{k.replace('_', '-')} {shown(getattr(args, k))}" for k in fixed)
             raise SystemExit(f"cannot resume with {names}: a resumed run keeps its network, method, EMA rates and "
@@ -690,17 +684,6 @@ def model_from_checkpoint(ckpt, rate=None):
         raise SystemExit(f"the checkpoint's weights do not fit its own network settings {ckpt['net']} "
                          f"({str(e).splitlines()[0]}); the file was edited or is damaged")
     return model, name
-
-
-def restore(ckpt, raw_model, emas, opt, scaler):
-    """Load a checkpoint's live weights, EMAs, optimiser and fp16 loss scale; returns its step."""
-    raw_model.load_state_dict(ckpt["model"])
-    for rate, ema in emas.items():
-        ema.load_state_dict(ckpt["ema"][f"{rate:g}"])
-    opt.load_state_dict(ckpt["optimizer"])
-    if scaler is not None and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    return ckpt["step"]
 
 
 # The official CIFAR-10 checkpoint is a raw pickle whose classes rebuild themselves by exec()ing source text stored in
@@ -1186,7 +1169,9 @@ def main(argv=None):
     if args.sample or args.fid:
         return evaluate(args, env)
     device, say = env.device, env.say
-    net_cfg, cfg, accum = net_kwargs(args), imm_config(args), per_rank // batch_gpu
+    net_cfg, accum = net_kwargs(args), per_rank // batch_gpu
+    cfg = IMMConfig.cifar(M=args.M, k=args.k, min_gap=args.min_gap, temb=args.temb,
+                          f_type="euler_fm" if args.loss == "fm" else "simple_edm")
     loss_fn = fm_loss if args.loss == "fm" else imm_loss
     if ckpt and (ckpt["net"] != net_cfg or ckpt["imm"] != asdict(cfg)):
         env.stop(f"{ckpt_path} was written by another version of train_cifar.py (its network or IMM settings do not "
@@ -1198,10 +1183,6 @@ def main(argv=None):
     else:
         data = env.rank0_first(lambda: load_dataset(args.data_dir), local=True)
     data = data.to(device)
-
-    def batches(step):   # this rank's micro-batches of step `step` (the draws are identical on every rank)
-        draws = global_batch(step, args.seed, len(data), args.batch, cfg, args.augment, device)
-        return micro_batches(data, draws, env.rank * per_rank, batch_gpu, accum, cfg.M, net_cfg["augment_dim"] > 0)
 
     # The run folder (section 1), before the model is built: rank 0 opens it; its name and verdict reach every rank
     shared = [args.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")), ""]
@@ -1223,8 +1204,14 @@ def main(argv=None):
     opt = torch.optim.RAdam(raw_model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     precision = args.precision if env.cuda else "fp32"
     autocast, scaler = precision_setup(precision, device.type)
-    step = restore(ckpt, raw_model, emas, opt, scaler) if ckpt else 0
-    if ckpt:
+    step = ckpt["step"] if ckpt else 0
+    if ckpt:   # its live weights, EMAs, optimiser and fp16 loss scale
+        raw_model.load_state_dict(ckpt["model"])
+        for rate, ema in emas.items():
+            ema.load_state_dict(ckpt["ema"][f"{rate:g}"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         say(f"resumed from {ckpt_path} at step {step}" + f" ({note})" * bool(note) + "".join(
             f"; --{k.replace('_', '-')} {shown(new)} (was {shown(old)})" for k, old, new in changed))
     elif args.resume:
@@ -1243,8 +1230,10 @@ def main(argv=None):
         f"{flops_img / 1e9:.2f} GFLOPs/img, {len(data)} images, steps {step} -> {args.max_steps}")
 
     def train(step, bins=None):   # one step: the loss over this rank's micro-batches, RAdam
-        try:
-            return train_step(model, opt, batches(step), cfg, accum=accum, autocast=autocast, scaler=scaler,
+        try:   # the draws are identical on every rank, which takes its slice of them
+            draws = global_batch(step, args.seed, len(data), args.batch, cfg, args.augment, device)
+            batches = micro_batches(data, draws, env.rank * per_rank, batch_gpu, accum, cfg.M, args.augment > 0)
+            return train_step(model, opt, batches, cfg, accum=accum, autocast=autocast, scaler=scaler,
                               loss_fn=loss_fn, bins=bins)
         except RuntimeError as e:   # CUDA's OutOfMemoryError, or the CPU allocator's
             if not (isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e)):
