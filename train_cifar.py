@@ -205,10 +205,10 @@ def shown(value):   # an option's value as typed: 0.999,0.9999 rather than (0.99
     return ",".join(map(str, value)) if isinstance(value, tuple) else value
 
 
-# A run folder holds log.jsonl, args.json, the grids, ckpt.pt, the checkpoint before it (ckpt.prev.pt, the fallback when
-# ckpt.pt is damaged) and `lock`, held by the process that trains there (open_run_dir). Files are replaced atomically,
-# on the disk before and after the rename (a power loss needs both). A resumed run takes its options from its checkpoint
-# or, stopped before its first, from args.json (find_checkpoint), and cuts its log back to that step (truncate_log).
+# A run folder holds log.jsonl, args.json, the grids, ckpt.pt, ckpt.prev.pt (the one before, the fallback when ckpt.pt
+# is damaged) and `lock` (open_run_dir). Files are replaced atomically, on the disk before and after the rename (a power
+# loss needs both). Resuming parses the command line twice: the first parse finds the run, whose options (its
+# checkpoint's, or its args.json's before the first) become the second's defaults, so that options typed again win.
 def write_atomically(path, write, keep=None):   # keep: where the file it replaces goes (ckpt.prev.pt)
     with open(path + ".tmp", "wb") as f:
         try:
@@ -319,15 +319,14 @@ def load_checkpoint(path):
 
 
 def parse_args(argv=None):
-    """(args, ckpt, ckpt_path, changed, note). One parser, whose defaults become the --tiny preset and, when resuming,
-    the run's options; typed options win. `changed`: [(name, saved, now)] for the options typed again."""
+    """(args, ckpt, ckpt_path, changed, note); `changed`: [(name, saved, now)] for the options typed again."""
     parser = get_parser()
     args = parser.parse_args(argv)
     ckpt, path, saved, note = None, None, {}, ""
     if args.resume and not (args.sample or args.fid):
         path, ckpt, note = find_checkpoint(args.resume, args.run_dir)
         saved = ckpt["args"] if ckpt else {}
-        if path and not ckpt:   # a run stopped before its first checkpoint: the options of its args.json
+        if path and not ckpt:   # stopped before its first checkpoint
             with open(os.path.join(os.path.dirname(path), "args.json")) as f:
                 saved = json.load(f)
             saved["ema"] = tuple(saved["ema"])
@@ -414,10 +413,10 @@ class Env:
         if self.ddp and dist.is_initialized():
             dist.destroy_process_group()
 
-    def rank0_first(self, fn, local=False):
-        """Rank 0 (with local=True: each node's local rank 0) runs fn first, e.g. to download, while the others
-        wait at a barrier; then the others run it. If it fails there, torchrun stops the waiting ranks."""
-        first = (self.local_rank if local else self.rank) == 0
+    def rank0_first(self, fn):
+        """Each node's local rank 0 runs fn first, e.g. to download, while the others wait at a barrier; then the
+        others run it. If it fails there, torchrun stops the waiting ranks."""
+        first = self.local_rank == 0
         if self.ddp and not first:
             dist.barrier()
         out = fn()
@@ -629,9 +628,7 @@ def augment(x, params):
     return torch.where(moved[:, None, None, None], warped, x)
 
 
-def step_seed(seed, step, slot=0):
-    """Seed of step `step`'s random draws. Slot 0: the data, times and noise shared by all ranks;
-    slot 1 + rank: that rank's dropout masks."""
+def step_seed(seed, step, slot=0):   # slot 0: the draws that all ranks share; slot 1 + rank: that rank's dropout masks
     return (seed * 1_000_003 + step) * 65_536 + slot
 
 
@@ -650,9 +647,8 @@ def global_batch(step, seed, n_data, batch, cfg, augment_p, device, img_shape=(3
 
 
 def micro_batches(data, draws, lo, batch_gpu, accum, M, labelled):
-    """This rank's `accum` micro-batches, global positions lo .. lo + accum * batch_gpu, as (x, noise, times, labels)
-    with x in [-1, 1] (x / 127.5 - 1, as the official code decodes) and the augmentation labels (None unless
-    `labelled`)."""
+    """This rank's `accum` micro-batches, global positions lo .. lo + accum * batch_gpu, as (x, noise, times, labels):
+    x in [-1, 1] (x / 127.5 - 1, as the official code decodes), the augmentation labels None unless `labelled`."""
     idx, times, noise, aug = draws
     for a in range(accum):
         sl = slice(lo + a * batch_gpu, lo + (a + 1) * batch_gpu)
@@ -853,10 +849,9 @@ def save_image_grid(images, path, nrow=None):
 
 
 def sampling_times(steps, cfg):
-    """The sampler's times T = t_0 > ... > t_steps = t_min. 1 and 2 steps: the official CIFAR-10 lists (its configs:
-    [T, t_min] and [T, eta^-1(1.4), t_min]); more steps: uniform in t (Eq. 117), the list of the paper's multi-step
-    results (ImageNet, Table 2: pushforward on uniform times was the best of Fig. 6's four samplers), as the official
-    ImageNet configs. Flow matching (f-type euler_fm): Euler steps on uniform times."""
+    """The sampler's times T = t_0 > ... > t_steps = t_min. 1 and 2 steps: the official CIFAR-10 lists ([T, t_min] and
+    [T, eta^-1(1.4), t_min]); more: uniform in t (Eq. 117), as the official ImageNet configs and the paper's multi-step
+    results (Table 2; pushforward on uniform times was the best of Fig. 6's samplers). Flow matching: uniform Euler."""
     if steps <= 2 and cfg.f_type != "euler_fm":
         return timesteps(steps, "eta", cfg, mid_eta=(1.4,)[:steps - 1])
     return timesteps(steps, "uniform", cfg)
@@ -875,11 +870,10 @@ SAMPLE_BATCH = 500   # images per sampler call; the noise is seeded per batch, s
 
 def sample_images(model, n, steps=2, sampler="pushforward", seed=0, batch=SAMPLE_BATCH, rank=0, world=1,
                   progress=False):
-    """n samples as uint8 NHWC on the CPU, with Algorithm 2 (pushforward) or 5 (restart) at sampling_times(steps). With
-    world > 1 (every rank calls it) only this rank's share: batches rank, rank + world, ... (gather_images joins them).
-    Batch b's prior noise comes from a generator seeded by (seed, b), restart's re-noising from a stream of its own,
-    both one row per image: an image's noise depends only on (seed, batch, its index), so a 64-image grid starts from
-    the noise of the first 64 images of any larger draw, and the number of ranks changes nothing."""
+    """n samples as uint8 NHWC on the CPU, with Algorithm 2 (pushforward) or 5 (restart) at sampling_times(steps); with
+    world > 1 (every rank calls it), this rank's batches rank, rank + world, ... (gather_images joins them). Batch b's
+    prior noise and restart's re-noising come from two generators seeded by (seed, b), one row per image, so an image's
+    noise depends only on (seed, batch, its index): a grid starts like any larger draw, on any number of ranks."""
     net, device, ts = model.model, next(model.parameters()).device, sampling_times(steps, model.cfg)
     shape, out = (net.in_channels, net.img_resolution, net.img_resolution), []
     for b in progress_bar(range(rank, math.ceil(n / batch), world), f"{steps}-step {sampler}", progress):
@@ -911,9 +905,8 @@ def save_grids(model, out_dir, tag, steps, sampler, seed):
 
 
 def fid_setup(say=print):
-    """Import torch-fidelity and make sure its Inception weights are on disk and intact, before any sample is drawn.
-    torch-fidelity fetches them with torch.hub into $TORCH_HOME/hub/checkpoints; offline that fails late and
-    obscurely, so try the download here and otherwise say exactly which file to place where."""
+    """Import torch-fidelity and have its Inception weights on disk and intact before any sample is drawn: offline,
+    its own torch.hub download fails late and obscurely, so try it here and else say exactly which file goes where."""
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3 as url
     except ImportError:
@@ -936,10 +929,8 @@ def fid_setup(say=print):
                          f"{prefix}...): delete it and run again, or place the file from {url} there")
 
 
-class Extractor(NamedTuple):   # fn: uint8 [N, 3, H, W] on the device -> [N, dim] features; name keys cached statistics
-    name: str
-    dim: int
-    fn: object
+# fn: uint8 [N, 3, H, W] on the device -> [N, dim] features; name keys cached statistics
+Extractor = NamedTuple("Extractor", [("name", str), ("dim", int), ("fn", object)])
 
 
 @functools.lru_cache(maxsize=2)   # --fid-every calls it at every evaluation: load the weights once per device
@@ -954,9 +945,8 @@ def fid_feature_extractor(device):
 
 
 def fid_statistics(images, extractor, env, progress=False, batch=250):
-    """torch-fidelity's FID statistics (mean, np.cov's unbiased covariance) of the features of every rank's uint8
-    NCHW `images`: each rank sums its features and their outer products in float64, and the ranks add up the sums
-    (all_reduce), never the images."""
+    """torch-fidelity's FID statistics (mean, np.cov's unbiased covariance) of every rank's uint8 NCHW `images`: each
+    rank sums its features and their outer products in float64; the ranks all_reduce the sums, never the images."""
     sums = torch.zeros(1 + extractor.dim + extractor.dim ** 2, dtype=torch.float64, device=env.device)
     with torch.no_grad():
         for i in progress_bar(range(0, len(images), batch), "FID features", progress):
@@ -970,9 +960,8 @@ def fid_statistics(images, extractor, env, progress=False, batch=250):
 
 
 def fid_reference(images, data_dir, env):
-    """(statistics, count) of the training images (uint8 NCHW; the statistics on rank 0 only), computed once by every
-    rank and cached next to them, keyed by a hash of the images and the feature extractor: --fid-every and later --fid
-    calls reuse them."""
+    """(statistics, count) of the training images (uint8 NCHW; statistics on rank 0 only), computed by every rank once
+    and cached next to them, keyed by a hash of the images and the extractor, for --fid-every and later --fid calls."""
     extractor = fid_feature_extractor(env.device)
     key = hashlib.sha256(images.cpu().numpy().tobytes() + extractor.name.encode()).hexdigest() if env.master else ""
     path = os.path.join(data_dir, f"fid_reference_{key[:16]}.npz")
@@ -1016,7 +1005,7 @@ def fid_during_training(args, env, data):
         return 0, None
     reason = "--data-dir fake has no real images to compare with" if args.data_dir == "fake" else None
     try:
-        reason or env.rank0_first(lambda: fid_setup(env.say), local=True)
+        reason or env.rank0_first(lambda: fid_setup(env.say))
     except SystemExit as e:
         reason = str(e)
     ok = torch.tensor(float(reason is None), device=env.device)
@@ -1127,10 +1116,10 @@ def evaluate(args, env):
     """--sample: a grid per step count, and with --n the samples as npz; --fid: the FID per step count. Every rank
     samples its share of the batches, with the run's seed and TF32 switches unless --seed/--precision are typed."""
     if args.fid:   # check everything FID needs before drawing any sample
-        env.rank0_first(lambda: fid_setup(env.say), local=True)
-        data = env.rank0_first(lambda: load_dataset(args.data_dir), local=True)
+        env.rank0_first(lambda: fid_setup(env.say))
+        data = env.rank0_first(lambda: load_dataset(args.data_dir))
     rate = args.ema[0] if args.ema else None
-    model, name, out_dir, run = env.rank0_first(lambda: load_model(args.sample or args.fid, rate), local=True)
+    model, name, out_dir, run = env.rank0_first(lambda: load_model(args.sample or args.fid, rate))
     check_sampler(args.sampler, model.cfg.f_type == "euler_fm")
     args.seed = run.get("seed", 0) if args.seed is None else args.seed
     precision_setup(args.precision or run.get("precision", "bf16"), env.device.type)   # as --fid-every in the run
@@ -1181,7 +1170,7 @@ def main(argv=None):
     if args.data_dir == "fake" or args.bench:
         data = torch.randint(0, 256, (2048, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     else:
-        data = env.rank0_first(lambda: load_dataset(args.data_dir), local=True)
+        data = env.rank0_first(lambda: load_dataset(args.data_dir))
     data = data.to(device)
 
     # The run folder (section 1), before the model is built: rank 0 opens it; its name and verdict reach every rank
