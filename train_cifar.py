@@ -182,8 +182,7 @@ def get_parser():
     a("--resume", default="", help="checkpoint file or run folder to continue from (its ckpt.pt, else ckpt.prev.pt; "
       "none yet: step 0 with its args.json), or 'auto' (--run-dir's, else the newest runs/*; none: start afresh). "
       "The run keeps its options except those typed again; its network, method, EMA rates and seed cannot change")
-    a("--log-every", type=pos, default=100, help="print and append to log.jsonl every this many steps (also checks "
-      "that the loss is finite)")
+    a("--log-every", type=pos, default=100, help="print, append to log.jsonl and check the loss is finite this often")
     a("--ckpt-every", type=pos, default=10_000, help="write ckpt.pt and sample grids (--steps) this often")
     a("--fid-every", type=nonneg, default=0, help="FID of the slowest EMA at --steps every this many steps, against "
       "the training images, to log.jsonl and the console (0 = never)")
@@ -355,8 +354,7 @@ def check_sampler(sampler, flow_matching):
 
 
 def check_args(args, world):
-    """Impossible combinations end the run here, before any data or model is touched (ranges are argparse's).
-    Returns (per-process batch, micro-batch)."""
+    """(per-process batch, micro-batch); impossible combinations end the run before any data or model is touched."""
     if args.sample and args.fid:
         raise SystemExit("choose one of --sample and --fid")
     if args.n and not (args.sample or args.fid or args.fid_every):
@@ -428,9 +426,7 @@ class Env:
 class StopSignals:
     """SIGINT (Ctrl-C) and SIGTERM (how schedulers stop a job) ask the training loop to stop after the current step,
     which then writes a checkpoint; a second Ctrl-C exits at once. A context manager: the old handlers come back."""
-
-    def __init__(self):
-        self.signum = 0
+    signum = 0   # the first signal's number; 0: none yet
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -448,9 +444,8 @@ class StopSignals:
         self.signum = self.signum or signum
 
     def agreed(self, env, pending):
-        """The signal every rank stops for after this step (0: none). Under DDP the ranks all-reduce their flags each
-        step; on a GPU the result is copied to pinned host memory as soon as it exists and read two steps later, so
-        waiting for it never idles the GPU (a plain .item() would wait for all the work queued since)."""
+        """The signal every rank stops for after this step (0: none). Under DDP the ranks all-reduce a flag each step;
+        on a GPU it is copied to pinned memory and read two steps later (.item() would wait for all the queued work)."""
         if not env.ddp:
             return self.signum
         flag = torch.full((), self.signum, device=env.device)   # a fill kernel: no host-to-GPU copy
@@ -552,9 +547,8 @@ def load_dataset(data_dir):
         except Exception as e:
             if created:   # a mistyped path must not leave folders behind
                 shutil.rmtree(created, ignore_errors=True)
-            raise SystemExit(f"could not download CIFAR-10 into {data_dir} ({type(e).__name__}: {e}); on a machine "
-                             f"without internet, place cifar-10-python.tar.gz or the extracted cifar-10-batches-py "
-                             f"folder there")
+            raise SystemExit(f"could not download CIFAR-10 into {data_dir} ({type(e).__name__}: {e}); offline, place "
+                             f"cifar-10-python.tar.gz or the extracted cifar-10-batches-py folder there")
         return load_cifar_python(os.path.join(data_dir, "cifar-10-batches-py"))
     raise SystemExit(f"no training data in {data_dir!r}: expected CIFAR-10 in the python format "
                      f"({os.path.join(data_dir, 'cifar-10-batches-py')}/data_batch_1..5) or a folder of 32x32 images; "
@@ -611,9 +605,8 @@ def augment_matrix(params, size):
 
 
 def augment(x, params):
-    """Apply the augmentations `params` (one entry per image, on x's device) to images x [n, C, H, W]: flips as pixel
-    blits, the rest as one bicubic resampling with reflection at the borders. Images with no geometric transform are
-    returned untouched; the batch order is kept (every particle keeps its image)."""
+    """Augment images x [n, C, H, W] by `params` (one entry per image, on x's device): flips as pixel blits, the rest
+    as one bicubic resampling with reflected borders; images with no geometric transform stay untouched, in order."""
     x = torch.where(params["xflip"][:, None, None, None] > 0, x.flip(3), x)
     if "yflip" not in params:   # p = 0: x-flips only
         return x
@@ -776,10 +769,9 @@ def load_official(path_or_url=OFFICIAL_CIFAR10_URL, cache_dir=None):
                 f"{OFFICIAL_CIFAR10_URL})")
     with open(path, "rb") as f:
         head = f.read(2)
-        if head == b"PK":
-            raise ValueError(f"{path} is a zip archive (torch.save format), not a raw pickle; {expected}")
         if head[:1] != b"\x80":
-            raise ValueError(f"{path} is not a pickle file; {expected}")
+            what = "a zip archive (torch.save format), not a raw pickle" if head == b"PK" else "not a pickle file"
+            raise ValueError(f"{path} is {what}; {expected}")
         f.seek(0)
         try:
             data = OfficialUnpickler(f).load()
@@ -799,9 +791,8 @@ def load_official(path_or_url=OFFICIAL_CIFAR10_URL, cache_dir=None):
              if k in found and found[k].shape != v.shape]
     if missing or wrong:
         extra = [k for k in found if k not in want]
-        raise ValueError(f"{path} is not an IMM CIFAR-10 DDPM++ checkpoint: {len(missing)} missing keys "
-                         f"{missing[:5]}, {len(wrong)} shape mismatches {wrong[:5]}, {len(extra)} unexpected "
-                         f"keys {extra[:5]}")
+        raise ValueError(f"{path} is not an IMM CIFAR-10 DDPM++ checkpoint: {len(missing)} missing keys {missing[:5]}, "
+                         f"{len(wrong)} shape mismatches {wrong[:5]}, {len(extra)} unexpected keys {extra[:5]}")
     # extra keys (e.g. model.map_augment.weight) are ignored, as the official misc.copy_params_and_buffers does
     model.load_state_dict({k: found[k] for k in want})
     return model.eval(), model.cfg
@@ -920,8 +911,7 @@ def fid_setup(say=print):
             torch.hub.download_url_to_file(url, path, hash_prefix=prefix, progress=sys.stderr.isatty())
         except Exception as e:
             raise SystemExit(f"FID needs torch-fidelity's Inception weights and could not download them "
-                             f"({type(e).__name__}: {e}). On a machine with internet fetch {url} and place it at "
-                             f"{path} (that is $TORCH_HOME/hub/checkpoints/{name})")
+                             f"({type(e).__name__}: {e}); fetch {url} elsewhere, place it at {path} (in $TORCH_HOME)")
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     if not digest.startswith(prefix):
@@ -935,8 +925,7 @@ Extractor = NamedTuple("Extractor", [("name", str), ("dim", int), ("fn", object)
 
 @functools.lru_cache(maxsize=2)   # --fid-every calls it at every evaluation: load the weights once per device
 def fid_feature_extractor(device):
-    """torch-fidelity's TF-Inception (2015-12-05 weights) and its 2048-d pool features. A function of its own so that
-    tests can put a tiny extractor in its place."""
+    """torch-fidelity's TF-Inception and its 2048-d pool features (a function of its own: tests put a tiny one here)."""
     import torch_fidelity
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).to(device).eval()
@@ -1026,10 +1015,9 @@ N_TIME_BINS = 8   # the loss is logged per bin of t, like minRF, to show which t
 
 def train_step(model, opt, batches, cfg, *, accum, autocast, scaler=None, loss_fn=imm_loss, bins=None):
     """One optimiser step: the gradient of the loss (imm_loss: mean over groups of w MMD^2, Eq. 12; or fm_loss, one time
-    per image) accumulated over this rank's micro-batches and averaged over the ranks by DDP (equal-sized micro-batches
-    make this the mean over the whole global batch), then RAdam. `scaler`: fp16's GradScaler. `bins`, if given, a
-    [3, N_TIME_BINS] tensor that accumulates sum w MMD^2, sum MMD^2 and the group count per bin of t. Returns the mean
-    loss as a device tensor (no host sync)."""
+    per image) accumulated over this rank's micro-batches and averaged over the ranks by DDP (equal micro-batches: the
+    mean over the global batch), then RAdam. `scaler`: fp16's GradScaler. `bins`, if given: [3, N_TIME_BINS], adds up
+    w MMD^2, MMD^2 and the groups per bin of t. Returns the mean loss as a device tensor (no host sync)."""
     loss_sum = 0
     for a, (x, noise, times, labels) in enumerate(batches):
         sync = a == accum - 1 or not isinstance(model, DDP)
