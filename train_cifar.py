@@ -655,26 +655,6 @@ def micro_batches(data, draws, lo, batch_gpu, accum, M, labelled):
 # 4. Models from checkpoints: ours, and the official one read by a restricted unpickler
 # -----------------------------------------------------------------------------------------------
 
-def model_from_checkpoint(ckpt, rate=None):
-    """(model, name): the IMMModel of a checkpoint with its EMA of decay `rate` (default: the slowest; 0: the live
-    weights), and which weights those are: 'ema0.9999' or 'live'."""
-    emas = ckpt["ema"]
-    key = max(emas, key=float) if rate is None else f"{rate:g}"
-    if rate == 0:
-        state, name = ckpt["model"], "live"
-    elif key in emas:
-        state, name = emas[key], f"ema{key}"
-    else:
-        raise SystemExit(f"--ema {key}: the checkpoint keeps the EMAs {', '.join(emas)} (or 0, the live weights)")
-    model = IMMModel(DDPMpp(**ckpt["net"]), IMMConfig(**ckpt["imm"]))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise SystemExit(f"the checkpoint's weights do not fit its own network settings {ckpt['net']} "
-                         f"({str(e).splitlines()[0]}); the file was edited or is damaged")
-    return model, name
-
-
 # The official CIFAR-10 checkpoint is a raw pickle whose classes rebuild themselves by exec()ing source text stored in
 # the file (official torch_utils/persistence.py). We read it without running any of it, keeping tensors and scalars.
 DENIED_MODULES = {"builtins", "os", "posix", "nt", "subprocess", "sys", "importlib", "runpy", "shutil", "socket",
@@ -800,7 +780,8 @@ def load_official(path_or_url=OFFICIAL_CIFAR10_URL, cache_dir=None):
 
 def load_model(source, rate=None):
     """(model, name, folder, the run's options) for --sample/--fid: 'official', an official pickle (path or URL), or
-    one of our checkpoints (a file or a run folder) with its EMA of decay `rate`."""
+    one of our checkpoints (a file or a run folder) with its EMA of decay `rate` (default: the slowest; 0: the live
+    weights). The name says which: 'official', 'ema0.9999' or 'live'."""
     official = source == "official" or "://" in source
     if not official and os.path.isfile(source):
         with open(source, "rb") as f:
@@ -815,7 +796,21 @@ def load_model(source, rate=None):
     path, ckpt, _ = find_checkpoint(source)
     if ckpt is None:
         raise SystemExit(f"--sample/--fid {source}: no checkpoint found")
-    return (*model_from_checkpoint(ckpt, rate), os.path.dirname(path), ckpt["args"])
+    emas = ckpt["ema"]
+    key = max(emas, key=float) if rate is None else f"{rate:g}"
+    if rate == 0:
+        state, name = ckpt["model"], "live"
+    elif key in emas:
+        state, name = emas[key], f"ema{key}"
+    else:
+        raise SystemExit(f"--ema {key}: the checkpoint keeps the EMAs {', '.join(emas)} (or 0, the live weights)")
+    model = IMMModel(DDPMpp(**ckpt["net"]), IMMConfig(**ckpt["imm"]))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise SystemExit(f"the checkpoint's weights do not fit its own network settings {ckpt['net']} "
+                         f"({str(e).splitlines()[0]}); the file was edited or is damaged")
+    return model, name, os.path.dirname(path), ckpt["args"]
 
 
 # -----------------------------------------------------------------------------------------------
