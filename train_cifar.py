@@ -412,8 +412,7 @@ class Env:
             dist.destroy_process_group()
 
     def rank0_first(self, fn):
-        """Each node's local rank 0 runs fn first, e.g. to download, while the others wait at a barrier; then the
-        others run it. If it fails there, torchrun stops the waiting ranks."""
+        """Runs fn on each node's local rank 0 (to download), then on the others, which torchrun stops if it fails."""
         first = self.local_rank == 0
         if self.ddp and not first:
             dist.barrier()
@@ -448,20 +447,19 @@ class StopSignals:
         on a GPU it is copied to pinned memory and read two steps later (.item() would wait for all the queued work)."""
         if not env.ddp:
             return self.signum
-        flag = torch.full((), self.signum, device=env.device)   # a fill kernel: no host-to-GPU copy
+        flag, ready = torch.full((), self.signum, device=env.device), None   # a fill kernel: no host-to-GPU copy
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if env.cuda:
             host, ready = torch.empty((), dtype=flag.dtype, pin_memory=True), torch.cuda.Event()
             host.copy_(flag, non_blocking=True)
             ready.record()
-            flag = (host, ready)
-        pending.append(flag)
+            flag = host
+        pending.append((flag, ready))
         if len(pending) < 3:
             return 0
-        flag = pending.pop(0)
-        if env.cuda:
-            flag[1].synchronize()
-            flag = flag[0]
+        flag, ready = pending.pop(0)
+        if ready is not None:
+            ready.synchronize()
         return int(flag)
 
 
@@ -689,8 +687,7 @@ def persistent_record(meta):
 
 
 class OfficialUnpickler(RestrictedUnpickler):
-    """Tensor rebuilders and plain containers resolve; persistent objects become records; code-running globals are
-    refused; any other global becomes an inert stub."""
+    """Tensors and plain containers resolve, persistent objects become records, code-running globals are refused."""
     allowed = {
         ("torch_utils.persistence", "_reconstruct_persistent_obj"): persistent_record,
         # each storage is a complete legacy torch.save blob, which torch's weights_only reader accepts; storages saved
@@ -1222,7 +1219,8 @@ def main(argv=None):
         env.stop(f"{why}: training stopped; the last good checkpoint is {last_good or 'none (none was written yet)'}" +
                  f"; continue with --resume {run_dir} once it can be written there" * resume)
 
-    def log(rec):
+    def log(rec, text):   # to the console and log.jsonl
+        say(text)
         if env.master:
             try:
                 with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
@@ -1249,9 +1247,7 @@ def main(argv=None):
                 loss = loss_sum.item() / (n_steps * world)
                 if not math.isfinite(loss):
                     halt(f"loss is {loss} within steps {step - n_steps + 1}..{step}")
-                rec, line = progress(step, n_steps, loss, bins, time.time() - t_last, args, cfg, world, mfu, device)
-                say(line)
-                log(rec)
+                log(*progress(step, n_steps, loss, bins, time.time() - t_last, args, cfg, world, mfu, device))
                 loss_sum, n_steps, t_last = torch.zeros((), device=device), 0, time.time()
                 bins.zero_()
             t_eval = time.time()   # checkpoints, grids and FID are not training: keep them out of img/s, mfu, eta
@@ -1272,8 +1268,8 @@ def main(argv=None):
                 last_good = ckpt_file
             if fid_every and step % fid_every == 0:
                 rec, lines = fid_of(emas[slowest], args, env, reference, f"ema{slowest:g}")
-                say("\n".join(f"step {step} | {line}" for line in lines))
-                log(dict(step=step, fid_model=f"ema{slowest:g}", **rec))
+                log(dict(step=step, fid_model=f"ema{slowest:g}", **rec),
+                    "\n".join(f"step {step} | {line}" for line in lines))
             t_last += time.time() - t_eval
     env.close()
     if stop and step < args.max_steps:   # a stop during the last step finishes the run
