@@ -63,9 +63,8 @@ from imm import (ArgParser, DDPMpp, IMMConfig, IMMModel, Times, ema_update, fm_l
 OFFICIAL_CIFAR10_URL = "https://huggingface.co/lumaai/imm/resolve/main/cifar10.pt"   # the released EMA model
 CIFAR = IMMConfig.cifar()
 
-# Precision (README "Precision"): y_r differs from y_t only through t - r (~2e-7 near T, App. C.6) and the Laplace
-# kernel's gradient is the unit vector along y_r - y_t, so the network must deliver that difference's direction. bf16
-# cannot (error 2.2 at t = 0.9, 600 at T) unless t - r >= 1e-3 (App. I.6's minimum gap, IMMConfig.cifar()): <= 0.11.
+# Precision (README "Precision"): the Laplace kernel's gradient is the direction of y_r - y_t, which differ only through
+# t - r (~2e-7 near T); bf16 gets it wrong (error 2.2 at t = 0.9) unless t - r >= 1e-3 (App. I.6's gap, the default).
 PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # mode -> autocast dtype
 PEAK_TFLOPS = {"fp32": 67, "tf32": 494, "bf16": 989, "fp16": 989}   # dense, per H100 SXM / H200: the MFU denominator
 
@@ -121,8 +120,7 @@ TINY = dict(channels=32, channel_mult="1,2", num_blocks=1, attn="16", batch=32, 
 # options that say how this process runs, not what the run is: a resumed run takes them from the command line
 RUNTIME_OPTIONS = {"sample", "fid", "resume", "run_dir", "compile", "bench"}
 # options a resumed run cannot change: its weights, optimiser state and random draws depend on them
-FIXED_OPTIONS = ("channels", "channel_mult", "num_blocks", "attn", "dropout", "loss", "M", "k", "min_gap", "temb",
-                 "ema", "seed")
+FIXED_OPTIONS = "channels channel_mult num_blocks attn dropout loss M k min_gap temb ema seed".split()
 
 
 def get_parser():
@@ -204,9 +202,8 @@ def shown(value):   # an option's value as typed: 0.999,0.9999 rather than (0.99
     return ",".join(map(str, value)) if isinstance(value, tuple) else value
 
 
-# A run folder holds log.jsonl, args.json, the grids, ckpt.pt, ckpt.prev.pt (the one before, the fallback when ckpt.pt
-# is damaged) and `lock` (open_run_dir). Files are replaced atomically, on the disk before and after the rename (a power
-# loss needs both). Resuming parses the command line twice: the first parse finds the run, whose options (its
+# Run folders (README "Training CIFAR-10"): files are replaced atomically, on the disk before and after the rename (a
+# power loss needs both). Resuming parses the command line twice: the first parse finds the run, whose options (its
 # checkpoint's, or its args.json's before the first) become the second's defaults, so that options typed again win.
 def write_atomically(path, write, keep=None):   # keep: where the file it replaces goes (ckpt.prev.pt)
     with open(path + ".tmp", "wb") as f:
@@ -483,9 +480,8 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 class CifarUnpickler(RestrictedUnpickler):
     """CIFAR-10 batches hold only dicts, lists, bytes and numpy arrays: a tampered file cannot run code."""
-    allowed = dict.fromkeys((f"numpy{core}.multiarray", name) for core in (".core", "._core")
-                            for name in ("_reconstruct", "scalar"))
-    allowed.update(dict.fromkeys([("numpy", "ndarray"), ("numpy", "dtype")]))
+    allowed = dict.fromkeys([("numpy", "ndarray"), ("numpy", "dtype")] + [(f"numpy{core}.multiarray", name)
+                            for core in (".core", "._core") for name in ("_reconstruct", "scalar")])
 
 
 def load_cifar_python(folder):
@@ -553,14 +549,12 @@ def load_dataset(data_dir):
                      f"pass --data-dir, or a new or empty folder to download CIFAR-10 into")
 
 
-# EDM's augmentation (Karras et al. 2022, App. F.2), which the paper's CIFAR-10 recipe uses (Table 5), in EDM's CIFAR-10
-# setting (augment.py with xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1). Every image is
-# x-flipped with probability 1/2, each other transform is applied with probability p, and the network sees the 9
-# numbers that describe what was done. It samples with zeros, i.e. un-augmented images: the augmentations do not leak.
+# EDM's augmentation (Karras et al. 2022, App. F.2; README "Training CIFAR-10"), which the paper's CIFAR-10 recipe uses
+# (Table 5), in EDM's CIFAR-10 setting (augment.py with xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
+# translate_frac=1). The network samples with zero labels, i.e. un-augmented images: the augmentations do not leak.
 
 def augment_params(n, p, g):
-    """EDM's random choices for n images from the CPU generator g: a dict of [n] tensors, zero where a transform is
-    not applied. p = 0 draws the x-flips only."""
+    """EDM's random choices for n images from the CPU generator g: [n] tensors, 0 where not applied (p = 0: x-flips)."""
     def gate(prob, v):
         return torch.where(torch.rand(v.shape[-1], generator=g) < prob, v, torch.zeros_like(v))
     params = dict(xflip=torch.randint(2, (n,), generator=g).double())
@@ -578,8 +572,7 @@ def augment_params(n, p, g):
 
 
 def augment_labels(params):
-    """The [n, 9] augmentation labels of EDM's pipe: x-flip, y-flip, log2 scale / 0.2, rotation (cos - 1, sin),
-    anisotropy (w cos r, w sin r) and the shift (x, y)."""
+    """The [n, 9] augmentation labels of EDM's pipe, which the network is conditioned on."""
     rot, w, r = params["rotate"], params["aniso"], params["aniso_angle"]
     return torch.stack([params["xflip"], params["yflip"], params["scale"], rot.cos() - 1, rot.sin(), w * r.cos(),
                         w * r.sin(), *params["translate"]], 1).float()
@@ -832,9 +825,8 @@ def save_image_grid(images, path, nrow=None):
 
 
 def sampling_times(steps, cfg):
-    """The sampler's times T = t_0 > ... > t_steps = t_min. 1 and 2 steps: the official CIFAR-10 lists ([T, t_min] and
-    [T, eta^-1(1.4), t_min]); more: uniform in t (Eq. 117), as the official ImageNet configs and the paper's multi-step
-    results (Table 2; pushforward on uniform times was the best of Fig. 6's samplers). Flow matching: uniform Euler."""
+    """The sampler's times T = t_0 > ... > t_steps = t_min: the official CIFAR-10 lists at 1 and 2 steps, else uniform
+    in t (Eq. 117); flow matching: uniform Euler steps. README "Sampling" gives each list's source."""
     if steps <= 2 and cfg.f_type != "euler_fm":
         return timesteps(steps, "eta", cfg, mid_eta=(1.4,)[:steps - 1])
     return timesteps(steps, "uniform", cfg)
@@ -855,8 +847,7 @@ def sample_images(model, n, steps=2, sampler="pushforward", seed=0, batch=SAMPLE
                   progress=False):
     """n samples as uint8 NHWC on the CPU, with Algorithm 2 (pushforward) or 5 (restart) at sampling_times(steps); with
     world > 1 (every rank calls it), this rank's batches rank, rank + world, ... (gather_images joins them). Batch b's
-    prior noise and restart's re-noising come from two generators seeded by (seed, b), one row per image, so an image's
-    noise depends only on (seed, batch, its index): a grid starts like any larger draw, on any number of ranks."""
+    noise is seeded by (seed, b), one row per image: a grid starts like any larger draw, on any number of ranks."""
     net, device, ts = model.model, next(model.parameters()).device, sampling_times(steps, model.cfg)
     shape, out = (net.in_channels, net.img_resolution, net.img_resolution), []
     for b in progress_bar(range(rank, math.ceil(n / batch), world), f"{steps}-step {sampler}", progress):
