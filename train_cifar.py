@@ -465,8 +465,7 @@ class StopSignals:
 # -----------------------------------------------------------------------------------------------
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the globals in `allowed` ({(module, name): object, None = the real one}); every other global goes
-    to `unknown`, which refuses it. Both files we unpickle (CIFAR-10 batches, the official checkpoint) use it."""
+    """Resolves only the globals in `allowed` ({(module, name): object, None: the real one}); `unknown` gets others."""
     allowed = {}
 
     def find_class(self, module, name):
@@ -617,8 +616,7 @@ def step_seed(seed, step, slot=0):   # slot 0: the draws that all ranks share; s
 
 
 def global_batch(step, seed, n_data, batch, cfg, augment_p, device, img_shape=(3, 32, 32)):
-    """Step `step`'s random draws for the whole global batch, identical on every rank: data indices (uniform, with
-    replacement), one (t, r, s) per group of M (App. C.7), the augmentations, and the noise (drawn on the device)."""
+    """Step `step`'s draws for the global batch, identical on every rank; one (t, r, s) per group of M (App. C.7)."""
     g = torch.Generator().manual_seed(step_seed(seed, step))
     idx = torch.randint(n_data, (batch,), generator=g)
     times = sample_times(batch // cfg.M, cfg, generator=g)
@@ -672,8 +670,7 @@ class Inert:
 
 
 def persistent_record(meta):
-    """torch_utils.persistence._reconstruct_persistent_obj(meta): keeps the instance __dict__, meta['state'];
-    meta['module_src'], the class's source code, is dropped unread."""
+    """persistence._reconstruct_persistent_obj(meta): a record of meta['state'], the class's source dropped unread."""
     record = Inert()
     record.state = meta.get("state") if isinstance(meta, dict) else None
     return record
@@ -703,8 +700,7 @@ class OfficialUnpickler(RestrictedUnpickler):
 
 
 def flat_state_dict(obj, prefix=""):
-    """The state_dict() of a pickled module tree, read from its records' __dict__ (_parameters, _buffers, _modules):
-    None entries and non-persistent buffers are skipped, as Module.state_dict() does."""
+    """The state_dict() of a pickled module tree, from its records' __dict__; skips what Module.state_dict() skips."""
     state, out = (obj.state if isinstance(obj, Inert) and isinstance(obj.state, dict) else {}), {}
     skip = state.get("_non_persistent_buffers_set") or set()
     for group in ("_parameters", "_buffers"):
