@@ -502,32 +502,28 @@ def load_cifar_python(folder):
     return torch.cat(parts)
 
 
-def load_image_folder(paths):
-    from PIL import Image
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                im = np.asarray(im.convert("RGB"))
-        except Exception as e:
-            raise SystemExit(f"cannot read image {path} ({type(e).__name__}: {e})")
-        if im.shape[:2] != (32, 32):
-            raise SystemExit(f"{path} is {im.shape[1]}x{im.shape[0]}; this script trains on 32x32 images, "
-                             f"resize the folder first")
-        images.append(im)
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-
-
 def load_dataset(data_dir):
     """CIFAR-10 train in the python format (downloaded with torchvision into a new or empty folder) or a folder of
     32x32 images (flat or one subfolder per class; labels are ignored: the model is unconditional)."""
     for folder in (os.path.join(data_dir, "cifar-10-batches-py"), data_dir):
         if os.path.isfile(os.path.join(folder, "data_batch_1")):
             return load_cifar_python(folder)
-    images = sorted(os.path.join(root, f) for root, _, files in os.walk(data_dir) for f in files
-                    if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")))
-    if images:
-        return load_image_folder(images)
+    paths = sorted(os.path.join(root, f) for root, _, files in os.walk(data_dir) for f in files
+                   if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")))
+    if paths:
+        from PIL import Image
+        images = []
+        for path in paths:
+            try:
+                with Image.open(path) as im:
+                    im = np.asarray(im.convert("RGB"))
+            except Exception as e:
+                raise SystemExit(f"cannot read image {path} ({type(e).__name__}: {e})")
+            if im.shape[:2] != (32, 32):
+                raise SystemExit(f"{path} is {im.shape[1]}x{im.shape[0]}; this script trains on 32x32 images, "
+                                 f"resize the folder first")
+            images.append(im)
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     if not os.path.isdir(data_dir) or not os.listdir(data_dir) or os.path.isfile(
             os.path.join(data_dir, "cifar-10-python.tar.gz")):
         import torchvision
@@ -680,8 +676,7 @@ class OfficialUnpickler(RestrictedUnpickler):
     """Tensors and plain containers resolve, persistent objects become records, code-running globals are refused."""
     allowed = {
         ("torch_utils.persistence", "_reconstruct_persistent_obj"): persistent_record,
-        # each storage is a complete legacy torch.save blob, which torch's weights_only reader accepts; storages saved
-        # on a GPU name 'cuda:0' as location: load them on the CPU
+        # a storage is a legacy torch.save blob (weights_only reads it); GPU-saved ones name 'cuda:0': use the CPU
         ("torch.storage", "_load_from_bytes"): lambda b: torch.load(io.BytesIO(b), map_location="cpu",
                                                                     weights_only=True),
         ("torch._utils", "_rebuild_tensor_v2"): lambda storage, offset, size, stride, *_: torch.empty(
@@ -784,12 +779,9 @@ def load_model(source, rate=None):
         raise SystemExit(f"--sample/--fid {source}: no checkpoint found")
     emas = ckpt["ema"]
     key = max(emas, key=float) if rate is None else f"{rate:g}"
-    if rate == 0:
-        state, name = ckpt["model"], "live"
-    elif key in emas:
-        state, name = emas[key], f"ema{key}"
-    else:
+    if rate != 0 and key not in emas:
         raise SystemExit(f"--ema {key}: the checkpoint keeps the EMAs {', '.join(emas)} (or 0, the live weights)")
+    state, name = (ckpt["model"], "live") if rate == 0 else (emas[key], f"ema{key}")
     model = IMMModel(DDPMpp(**ckpt["net"]), IMMConfig(**ckpt["imm"]))
     try:
         model.load_state_dict(state)
@@ -969,8 +961,6 @@ def fid_of(model, args, env, reference, name):
 
 def fid_during_training(args, env, data):
     """(every, reference statistics) for --fid-every; (0, None) with one line, never fatal, when FID cannot be had."""
-    if not args.fid_every:
-        return 0, None
     reason = "--data-dir fake has no real images to compare with" if args.data_dir == "fake" else None
     try:
         reason or env.rank0_first(lambda: fid_setup(env.say))
@@ -1200,7 +1190,7 @@ def main(argv=None):
     if args.bench:
         bench(train, args.bench, args.batch, world, mfu, device, say)
         return env.close()
-    fid_every, reference = fid_during_training(args, env, data)
+    fid_every, reference = fid_during_training(args, env, data) if args.fid_every else (0, None)
 
     def halt(why, resume=False):   # one line; the last good checkpoint stays (a non-finite step would come again)
         env.stop(f"{why}: training stopped; the last good checkpoint is {last_good or 'none (none was written yet)'}" +
