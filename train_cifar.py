@@ -294,8 +294,7 @@ def find_checkpoint(resume, run_dir=""):
 
 
 def load_checkpoint(path):
-    """One of our checkpoints, read with weights_only=True; anything else ends the run with one line that names the
-    file (never torch's advice to unpickle it with weights_only=False)."""
+    """Our checkpoint at path (weights_only=True); else one line naming the file, never torch's unpickling advice."""
     if not os.path.isfile(path):
         raise SystemExit(f"no checkpoint at {path}")
     try:
@@ -420,8 +419,7 @@ class Env:
 
 
 class StopSignals:
-    """SIGINT (Ctrl-C) and SIGTERM (how schedulers stop a job) ask the training loop to stop after the current step,
-    which then writes a checkpoint; a second Ctrl-C exits at once. A context manager: the old handlers come back."""
+    """Ctrl-C and SIGTERM stop training after the current step, with a checkpoint; a second Ctrl-C exits at once."""
     signum = 0   # the first signal's number; 0: none yet
 
     def __enter__(self):
@@ -503,8 +501,7 @@ def load_cifar_python(folder):
 
 
 def load_dataset(data_dir):
-    """CIFAR-10 train in the python format (downloaded with torchvision into a new or empty folder) or a folder of
-    32x32 images (flat or one subfolder per class; labels are ignored: the model is unconditional)."""
+    """CIFAR-10's python batches (downloaded into a new or empty folder) or a folder of 32x32 images, labels unused."""
     for folder in (os.path.join(data_dir, "cifar-10-batches-py"), data_dir):
         if os.path.isfile(os.path.join(folder, "data_batch_1")):
             return load_cifar_python(folder)
@@ -760,9 +757,8 @@ def load_official(path_or_url=OFFICIAL_CIFAR10_URL, cache_dir=None):
 
 
 def load_model(source, rate=None):
-    """(model, name, folder, the run's options) for --sample/--fid: 'official', an official pickle (path or URL), or
-    one of our checkpoints (a file or a run folder) with its EMA of decay `rate` (default: the slowest; 0: the live
-    weights). The name says which: 'official', 'ema0.9999' or 'live'."""
+    """(model, name, folder, run options) for --sample/--fid: 'official' or its pickle (path or URL), or our
+    checkpoint's EMA `rate` (default: the slowest; 0: the live weights); name: 'official', 'ema0.9999' or 'live'."""
     official = source == "official" or "://" in source
     if not official and os.path.isfile(source):
         with open(source, "rb") as f:
@@ -796,8 +792,7 @@ def load_model(source, rate=None):
 # -----------------------------------------------------------------------------------------------
 
 def decode_images(x):
-    """Float NCHW in about [-1, 1] -> uint8 NHWC, as the official (x * 127.5 + 128).clip(0, 255)
-    cast to uint8. The +128 with truncation rounds half up: x = -1 -> 0, 0 -> 128, 1 -> 255."""
+    """Float NCHW -> uint8 NHWC as the official code: +128 and truncation round half up (-1, 0, 1 -> 0, 128, 255)."""
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
