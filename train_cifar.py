@@ -409,11 +409,10 @@ class Env:
 
     def rank0_first(self, fn):
         """Runs fn on each node's local rank 0 (to download), then on the others, which torchrun stops if it fails."""
-        first = self.local_rank == 0
-        if self.ddp and not first:
+        if self.ddp and self.local_rank != 0:
             dist.barrier()
         out = fn()
-        if self.ddp and first:
+        if self.ddp and self.local_rank == 0:
             dist.barrier()
         return out
 
