@@ -230,8 +230,7 @@ def write_failed(folder, e):   # a failed write in one line: why, and the space 
 
 
 def open_run_dir(run_dir, args, step):
-    """Rank 0, before the model is built: refuse a folder that holds another run or is in use (an flock, which the OS
-    drops when its process dies), write args.json and cut the log back to `step`. Returns the lock's file."""
+    """Rank 0, before the model is built: refuse a folder in use or with another run; write args.json, cut the log."""
     held = [f for f in ("ckpt.pt", "log.jsonl", "args.json") if os.path.isfile(os.path.join(run_dir, f))]
     if held and not args.resume:
         raise SystemExit(f"{run_dir} already holds a run ({', '.join(held)}): continue it with --resume {run_dir}, "
@@ -246,7 +245,7 @@ def open_run_dir(run_dir, args, step):
                          lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
         truncate_log(os.path.join(run_dir, "log.jsonl"), step)
         return lock
-    except BlockingIOError:   # the flock is held
+    except BlockingIOError:   # the flock is held (the OS drops it when its process dies: no stale locks)
         lock.seek(0)
         raise SystemExit(f"{run_dir} is in use by another training process ({lock.read().strip()}): wait for it to "
                          f"end or stop it, or choose another --run-dir")
@@ -255,8 +254,7 @@ def open_run_dir(run_dir, args, step):
 
 
 def truncate_log(path, step):
-    """Cut log.jsonl after its last whole line of a step <= `step`, saying so: lines written after the checkpoint a run
-    resumes from, and a line torn by a failed write. In place, which a full disk cannot stop."""
+    """Cut log.jsonl after the last whole line of a step <= `step`, in place (which a full disk cannot stop); say so."""
     with open(path, "a+b") as f:
         f.seek(0)
         lines = f.readlines()
