@@ -63,9 +63,8 @@ from imm import (ArgParser, DDPMpp, IMMConfig, IMMModel, Times, ema_update, fm_l
 OFFICIAL_CIFAR10_URL = "https://huggingface.co/lumaai/imm/resolve/main/cifar10.pt"   # the released EMA model
 CIFAR = IMMConfig.cifar()
 
-# Precision (README "Precision"): y_r differs from y_t only through t - r (~2e-7 near T, App. C.6) and the Laplace
-# kernel's gradient is the unit vector along y_r - y_t, so the network must deliver that difference's direction. bf16
-# cannot (error 2.2 at t = 0.9, 600 at T) unless t - r >= 1e-3 (App. I.6's minimum gap, IMMConfig.cifar()): <= 0.11.
+# Precision (README "Precision"): the Laplace kernel's gradient is the direction of y_r - y_t, which differ only through
+# t - r (~2e-7 near T); bf16 gets it wrong (error 2.2 at t = 0.9) unless t - r >= 1e-3 (App. I.6's gap, the default).
 PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # mode -> autocast dtype
 PEAK_TFLOPS = {"fp32": 67, "tf32": 494, "bf16": 989, "fp16": 989}   # dense, per H100 SXM / H200: the MFU denominator
 
@@ -97,16 +96,13 @@ def float_in(lo, hi, hi_open=True):   # argparse type: a float in [lo, hi) (or [
 
 
 def number_list(kind, allow_empty=False):
-    """argparse type: comma-separated numbers, such as '2,2,2' (kind=int: positive integers, kept as that string) or
-    '0.999,0.9999' (kind=float: EMA rates in [0, 1), returned as a sorted tuple)."""
+    """argparse type: positive ints as a string ('2,2,2'), or floats in [0, 1) as a sorted tuple ('0.999,0.9999')."""
     def parse(text):
         try:
             values = [kind(v) for v in text.split(",") if v.strip()]
+            if not (values or allow_empty) or not all(0 < v if kind is int else 0 <= v < 1 for v in values):
+                raise ValueError   # out of range: the same message as a typo
         except ValueError:
-            values = None
-        ok = values is not None and (values or allow_empty) and all(0 < v if kind is int else 0 <= v < 1
-                                                                     for v in values)
-        if not ok:
             example = "2,2,2 (positive integers)" if kind is int else "0.999,0.9999 (each in [0, 1))"
             raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as {example}, got {text!r}")
         return ",".join(map(str, values)) if kind is int else tuple(sorted(values))
@@ -124,23 +120,19 @@ TINY = dict(channels=32, channel_mult="1,2", num_blocks=1, attn="16", batch=32, 
 # options that say how this process runs, not what the run is: a resumed run takes them from the command line
 RUNTIME_OPTIONS = {"sample", "fid", "resume", "run_dir", "compile", "bench"}
 # options a resumed run cannot change: its weights, optimiser state and random draws depend on them
-FIXED_OPTIONS = ("channels", "channel_mult", "num_blocks", "attn", "dropout", "loss", "M", "k", "min_gap", "temb",
-                 "ema", "seed")
+FIXED_OPTIONS = "channels channel_mult num_blocks attn dropout loss M k min_gap temb ema seed".split()
 
 
 def get_parser():
     p = ArgParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     a = p.add_argument
     pos, nonneg = int_at_least(1), int_at_least(0)
-    model_help = ("a checkpoint, a run folder, or 'official' (the released model; a path or URL of that file also "
-                  "works)")
-    a("--sample", metavar="MODEL", help=f"write a grid of MODEL's samples per --steps (and with --n, the samples as "
-      f"npz), then exit: {model_help}")
+    a("--sample", metavar="MODEL", help="write a grid of MODEL's samples per --steps (with --n, also the samples as "
+      "npz), then exit: a checkpoint, a run folder, or 'official' (the released model; a path or URL of it also works)")
     a("--fid", metavar="MODEL", help="FID of MODEL's samples per --steps against the training images, then exit")
     # sampling: --sample, --fid, and a run's grids and --fid-every
     a("--steps", type=number_list(int), default="1,2", help="sampling steps, a list: 1 and 2 use the official CIFAR-10 "
-      "time lists ([T, t_min] and [T, eta^-1(1.4), t_min]); more steps are uniform in t (Eq. 117), as in the paper's "
-      "multi-step results (Table 2, Fig. 6). Flow matching: Euler steps, uniform in t")
+      "lists, more are uniform in t (Eq. 117, the paper's multi-step results); flow matching: uniform Euler steps")
     a("--sampler", choices=["pushforward", "restart"], default="pushforward",
       help="pushforward (Algorithm 2: t_i -> t_i+1) or restart (Algorithm 5: t_i -> t_min, re-noised to t_i+1)")
     a("--n", type=pos, help="samples per step count: --sample also writes them as samples_*.npz (uint8 [N, 32, 32, "
@@ -148,17 +140,15 @@ def get_parser():
     # data
     a("--data-dir", default="./data", help="CIFAR-10 root (holds cifar-10-batches-py), that folder itself, or a folder "
       "of 32x32 images; a new or empty folder gets CIFAR-10 downloaded into it. 'fake': random images (smoke tests)")
-    a("--augment", type=float_in(0, 1, hi_open=False), default=0.12,
-      help="EDM augmentation probability (the paper's CIFAR-10 recipe, Table 5), with the 9 augmentation labels fed to "
-           "the network; 0: x-flips only")
+    a("--augment", type=float_in(0, 1, hi_open=False), default=0.12, help="EDM augmentation probability (the paper's "
+      "CIFAR-10 recipe, Table 5), with the 9 augmentation labels fed to the network; 0: x-flips only")
     # network: DDPM++ (paper App. I.1); small values give the tiny networks of the tests
     a("--tiny", action="store_true", help="a tiny network and batch for a CPU smoke run: " +
       " ".join(f"--{k.replace('_', '-')} {v}" for k, v in TINY.items()) + " (options typed as well win)")
     a("--channels", type=pos, default=128, help="DDPM++ base channels (model_channels)")
     a("--channel-mult", type=number_list(int), default="2,2,2", help="channel multiplier per resolution")
     a("--num-blocks", type=pos, default=4, help="residual blocks per resolution")
-    a("--attn", type=number_list(int, allow_empty=True), default="16",
-      help="resolutions with self-attention ('' for none)")
+    a("--attn", type=number_list(int, allow_empty=True), default="16", help="resolutions with attention ('': none)")
     a("--dropout", type=float_in(0, 1), default=0.2, help="dropout inside the residual blocks")
     # method (the rest is imm.IMMConfig.cifar())
     a("--loss", choices=["imm", "fm"], default="imm",
@@ -183,16 +173,14 @@ def get_parser():
       "always fp32. --sample/--fid: the run's TF32 switches (the network samples in fp32)")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model and keep it in "
       "channels_last (default: on with CUDA, off on CPU; the first steps then take ~3 min)")
-    a("--seed", type=int, help="seed of the initialisation and of all random draws (default 0; --sample/--fid: the "
-      "run's)")
+    a("--seed", type=int, help="seed of the initialisation and all random draws (default 0; --sample/--fid: the run's)")
     # the run folder: logs, grids, checkpoints, FID
     a("--run-dir", default="", help="folder for logs, grids and checkpoints (default: runs/<date-time>, or the resumed "
       "run's folder); a folder that already holds a run is only continued with --resume")
     a("--resume", default="", help="checkpoint file or run folder to continue from (its ckpt.pt, else ckpt.prev.pt; "
       "none yet: step 0 with its args.json), or 'auto' (--run-dir's, else the newest runs/*; none: start afresh). "
       "The run keeps its options except those typed again; its network, method, EMA rates and seed cannot change")
-    a("--log-every", type=pos, default=100, help="print and append to log.jsonl every this many steps (also checks "
-      "that the loss is finite)")
+    a("--log-every", type=pos, default=100, help="print, append to log.jsonl and check the loss is finite this often")
     a("--ckpt-every", type=pos, default=10_000, help="write ckpt.pt and sample grids (--steps) this often")
     a("--fid-every", type=nonneg, default=0, help="FID of the slowest EMA at --steps every this many steps, against "
       "the training images, to log.jsonl and the console (0 = never)")
@@ -210,19 +198,13 @@ def net_kwargs(args):   # DDPMpp's arguments
                 attn_resolutions=ints(args.attn), dropout=args.dropout, augment_dim=9 if args.augment else 0)
 
 
-def imm_config(args):
-    return IMMConfig.cifar(M=args.M, k=args.k, min_gap=args.min_gap, temb=args.temb,
-                           f_type="euler_fm" if args.loss == "fm" else "simple_edm")
-
-
 def shown(value):   # an option's value as typed: 0.999,0.9999 rather than (0.999, 0.9999)
     return ",".join(map(str, value)) if isinstance(value, tuple) else value
 
 
-# A run folder holds log.jsonl, args.json, the grids, ckpt.pt, the checkpoint before it (ckpt.prev.pt, the fallback when
-# ckpt.pt is damaged) and `lock`, held by the process that trains there (open_run_dir). Files are replaced atomically,
-# on the disk before and after the rename (a power loss needs both). A resumed run takes its options from its checkpoint
-# or, stopped before its first, from args.json (find_checkpoint), and cuts its log back to that step (truncate_log).
+# Run folders (README "Training CIFAR-10"): files are replaced atomically, on the disk before and after the rename (a
+# power loss needs both). Resuming parses the command line twice: the first parse finds the run, whose options (its
+# checkpoint's, or its args.json's before the first) become the second's defaults, so that options typed again win.
 def write_atomically(path, write, keep=None):   # keep: where the file it replaces goes (ckpt.prev.pt)
     with open(path + ".tmp", "wb") as f:
         try:
@@ -248,8 +230,7 @@ def write_failed(folder, e):   # a failed write in one line: why, and the space 
 
 
 def open_run_dir(run_dir, args, step):
-    """Rank 0, before the model is built: refuse a folder that holds another run or is in use (an flock, which the OS
-    drops when its process dies), write args.json and cut the log back to `step`. Returns the lock's file."""
+    """Rank 0, before the model is built: refuse a folder in use or with another run; write args.json, cut the log."""
     held = [f for f in ("ckpt.pt", "log.jsonl", "args.json") if os.path.isfile(os.path.join(run_dir, f))]
     if held and not args.resume:
         raise SystemExit(f"{run_dir} already holds a run ({', '.join(held)}): continue it with --resume {run_dir}, "
@@ -264,7 +245,7 @@ def open_run_dir(run_dir, args, step):
                          lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
         truncate_log(os.path.join(run_dir, "log.jsonl"), step)
         return lock
-    except BlockingIOError:   # the flock is held
+    except BlockingIOError:   # the flock is held (the OS drops it when its process dies: no stale locks)
         lock.seek(0)
         raise SystemExit(f"{run_dir} is in use by another training process ({lock.read().strip()}): wait for it to "
                          f"end or stop it, or choose another --run-dir")
@@ -273,8 +254,7 @@ def open_run_dir(run_dir, args, step):
 
 
 def truncate_log(path, step):
-    """Cut log.jsonl after its last whole line of a step <= `step`, saying so: lines written after the checkpoint a run
-    resumes from, and a line torn by a failed write. In place, which a full disk cannot stop."""
+    """Cut log.jsonl after the last whole line of a step <= `step`, in place (which a full disk cannot stop); say so."""
     with open(path, "a+b") as f:
         f.seek(0)
         lines = f.readlines()
@@ -312,8 +292,7 @@ def find_checkpoint(resume, run_dir=""):
 
 
 def load_checkpoint(path):
-    """One of our checkpoints, read with weights_only=True; anything else ends the run with one line that names the
-    file (never torch's advice to unpickle it with weights_only=False)."""
+    """Our checkpoint at path (weights_only=True); else one line naming the file, never torch's unpickling advice."""
     if not os.path.isfile(path):
         raise SystemExit(f"no checkpoint at {path}")
     try:
@@ -333,15 +312,14 @@ def load_checkpoint(path):
 
 
 def parse_args(argv=None):
-    """(args, ckpt, ckpt_path, changed, note). One parser, whose defaults become the --tiny preset and, when resuming,
-    the run's options; typed options win. `changed`: [(name, saved, now)] for the options typed again."""
+    """(args, ckpt, ckpt_path, changed, note); `changed`: [(name, saved, now)] for the options typed again."""
     parser = get_parser()
     args = parser.parse_args(argv)
     ckpt, path, saved, note = None, None, {}, ""
     if args.resume and not (args.sample or args.fid):
         path, ckpt, note = find_checkpoint(args.resume, args.run_dir)
         saved = ckpt["args"] if ckpt else {}
-        if path and not ckpt:   # a run stopped before its first checkpoint: the options of its args.json
+        if path and not ckpt:   # stopped before its first checkpoint
             with open(os.path.join(os.path.dirname(path), "args.json")) as f:
                 saved = json.load(f)
             saved["ema"] = tuple(saved["ema"])
@@ -355,8 +333,7 @@ def parse_args(argv=None):
     if not (args.sample or args.fid):   # --sample/--fid take these from the run they sample (evaluate)
         args.ema, args.seed, args.precision = args.ema or (0.9999,), args.seed or 0, args.precision or "bf16"
     if ckpt:
-        fixed = [k for k, _, _ in changed
-                 if k in FIXED_OPTIONS or (k == "augment" and net_kwargs(args) != ckpt["net"])]
+        fixed = [k for k, _, _ in changed if k in FIXED_OPTIONS or (k == "augment" and net_kwargs(args) != ckpt["net"])]
         if fixed:
             names = ", ".join(f"--{k.replace('_', '-')} {shown(getattr(args, k))}" for k in fixed)
             raise SystemExit(f"cannot resume with {names}: a resumed run keeps its network, method, EMA rates and "
@@ -371,8 +348,7 @@ def check_sampler(sampler, flow_matching):
 
 
 def check_args(args, world):
-    """Impossible combinations end the run here, before any data or model is touched (ranges are argparse's).
-    Returns (per-process batch, micro-batch)."""
+    """(per-process batch, micro-batch); impossible combinations end the run before any data or model is touched."""
     if args.sample and args.fid:
         raise SystemExit("choose one of --sample and --fid")
     if args.n and not (args.sample or args.fid or args.fid_every):
@@ -429,24 +405,19 @@ class Env:
         if self.ddp and dist.is_initialized():
             dist.destroy_process_group()
 
-    def rank0_first(self, fn, local=False):
-        """Rank 0 (with local=True: each node's local rank 0) runs fn first, e.g. to download, while the others
-        wait at a barrier; then the others run it. If it fails there, torchrun stops the waiting ranks."""
-        first = (self.local_rank if local else self.rank) == 0
-        if self.ddp and not first:
+    def rank0_first(self, fn):
+        """Runs fn on each node's local rank 0 (to download), then on the others, which torchrun stops if it fails."""
+        if self.ddp and self.local_rank != 0:
             dist.barrier()
         out = fn()
-        if self.ddp and first:
+        if self.ddp and self.local_rank == 0:
             dist.barrier()
         return out
 
 
 class StopSignals:
-    """SIGINT (Ctrl-C) and SIGTERM (how schedulers stop a job) ask the training loop to stop after the current step,
-    which then writes a checkpoint; a second Ctrl-C exits at once. A context manager: the old handlers come back."""
-
-    def __init__(self):
-        self.signum = 0
+    """Ctrl-C and SIGTERM stop training after the current step, with a checkpoint; a second Ctrl-C exits at once."""
+    signum = 0   # the first signal's number; 0: none yet
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -464,25 +435,23 @@ class StopSignals:
         self.signum = self.signum or signum
 
     def agreed(self, env, pending):
-        """The signal every rank stops for after this step (0: none). Under DDP the ranks all-reduce their flags each
-        step; on a GPU the result is copied to pinned host memory as soon as it exists and read two steps later, so
-        waiting for it never idles the GPU (a plain .item() would wait for all the work queued since)."""
+        """The signal every rank stops for after this step (0: none). Under DDP the ranks all-reduce a flag each step;
+        on a GPU it is copied to pinned memory and read two steps later (.item() would wait for all the queued work)."""
         if not env.ddp:
             return self.signum
-        flag = torch.full((), self.signum, device=env.device)   # a fill kernel: no host-to-GPU copy
+        flag, ready = torch.full((), self.signum, device=env.device), None   # a fill kernel: no host-to-GPU copy
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if env.cuda:
             host, ready = torch.empty((), dtype=flag.dtype, pin_memory=True), torch.cuda.Event()
             host.copy_(flag, non_blocking=True)
             ready.record()
-            flag = (host, ready)
-        pending.append(flag)
+            flag = host
+        pending.append((flag, ready))
         if len(pending) < 3:
             return 0
-        flag = pending.pop(0)
-        if env.cuda:
-            flag[1].synchronize()
-            flag = flag[0]
+        flag, ready = pending.pop(0)
+        if ready is not None:
+            ready.synchronize()
         return int(flag)
 
 
@@ -491,8 +460,7 @@ class StopSignals:
 # -----------------------------------------------------------------------------------------------
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the globals in `allowed` ({(module, name): object, None = the real one}); every other global goes
-    to `unknown`, which refuses it. Both files we unpickle (CIFAR-10 batches, the official checkpoint) use it."""
+    """Resolves only the globals in `allowed` ({(module, name): object, None: the real one}); `unknown` gets others."""
     allowed = {}
 
     def find_class(self, module, name):
@@ -506,9 +474,8 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 class CifarUnpickler(RestrictedUnpickler):
     """CIFAR-10 batches hold only dicts, lists, bytes and numpy arrays: a tampered file cannot run code."""
-    allowed = dict.fromkeys((f"numpy{core}.multiarray", name) for core in (".core", "._core")
-                            for name in ("_reconstruct", "scalar"))
-    allowed.update(dict.fromkeys([("numpy", "ndarray"), ("numpy", "dtype")]))
+    allowed = dict.fromkeys([("numpy", "ndarray"), ("numpy", "dtype")] + [(f"numpy{core}.multiarray", name)
+                            for core in (".core", "._core") for name in ("_reconstruct", "scalar")])
 
 
 def load_cifar_python(folder):
@@ -530,32 +497,27 @@ def load_cifar_python(folder):
     return torch.cat(parts)
 
 
-def load_image_folder(paths):
-    from PIL import Image
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                im = np.asarray(im.convert("RGB"))
-        except Exception as e:
-            raise SystemExit(f"cannot read image {path} ({type(e).__name__}: {e})")
-        if im.shape[:2] != (32, 32):
-            raise SystemExit(f"{path} is {im.shape[1]}x{im.shape[0]}; this script trains on 32x32 images, "
-                             f"resize the folder first")
-        images.append(im)
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-
-
 def load_dataset(data_dir):
-    """CIFAR-10 train in the python format (downloaded with torchvision into a new or empty folder) or a folder of
-    32x32 images (flat or one subfolder per class; labels are ignored: the model is unconditional)."""
+    """CIFAR-10's python batches (downloaded into a new or empty folder) or a folder of 32x32 images, labels unused."""
     for folder in (os.path.join(data_dir, "cifar-10-batches-py"), data_dir):
         if os.path.isfile(os.path.join(folder, "data_batch_1")):
             return load_cifar_python(folder)
-    images = sorted(os.path.join(root, f) for root, _, files in os.walk(data_dir) for f in files
-                    if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")))
-    if images:
-        return load_image_folder(images)
+    paths = sorted(os.path.join(root, f) for root, _, files in os.walk(data_dir) for f in files
+                   if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")))
+    if paths:
+        from PIL import Image
+        images = []
+        for path in paths:
+            try:
+                with Image.open(path) as im:
+                    im = np.asarray(im.convert("RGB"))
+            except Exception as e:
+                raise SystemExit(f"cannot read image {path} ({type(e).__name__}: {e})")
+            if im.shape[:2] != (32, 32):
+                raise SystemExit(f"{path} is {im.shape[1]}x{im.shape[0]}; this script trains on 32x32 images, "
+                                 f"resize the folder first")
+            images.append(im)
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     if not os.path.isdir(data_dir) or not os.listdir(data_dir) or os.path.isfile(
             os.path.join(data_dir, "cifar-10-python.tar.gz")):
         import torchvision
@@ -568,23 +530,20 @@ def load_dataset(data_dir):
         except Exception as e:
             if created:   # a mistyped path must not leave folders behind
                 shutil.rmtree(created, ignore_errors=True)
-            raise SystemExit(f"could not download CIFAR-10 into {data_dir} ({type(e).__name__}: {e}); on a machine "
-                             f"without internet, place cifar-10-python.tar.gz or the extracted cifar-10-batches-py "
-                             f"folder there")
+            raise SystemExit(f"could not download CIFAR-10 into {data_dir} ({type(e).__name__}: {e}); offline, place "
+                             f"cifar-10-python.tar.gz or the extracted cifar-10-batches-py folder there")
         return load_cifar_python(os.path.join(data_dir, "cifar-10-batches-py"))
     raise SystemExit(f"no training data in {data_dir!r}: expected CIFAR-10 in the python format "
                      f"({os.path.join(data_dir, 'cifar-10-batches-py')}/data_batch_1..5) or a folder of 32x32 images; "
                      f"pass --data-dir, or a new or empty folder to download CIFAR-10 into")
 
 
-# EDM's augmentation (Karras et al. 2022, App. F.2), which the paper's CIFAR-10 recipe uses (Table 5), in EDM's CIFAR-10
-# setting (augment.py with xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1). Every image is
-# x-flipped with probability 1/2, each other transform is applied with probability p, and the network sees the 9
-# numbers that describe what was done. It samples with zeros, i.e. un-augmented images: the augmentations do not leak.
+# EDM's augmentation (Karras et al. 2022, App. F.2; README "Training CIFAR-10"), which the paper's CIFAR-10 recipe uses
+# (Table 5), in EDM's CIFAR-10 setting (augment.py with xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
+# translate_frac=1). The network samples with zero labels, i.e. un-augmented images: the augmentations do not leak.
 
 def augment_params(n, p, g):
-    """EDM's random choices for n images from the CPU generator g: a dict of [n] tensors, zero where a transform is
-    not applied. p = 0 draws the x-flips only."""
+    """EDM's random choices for n images from the CPU generator g: [n] tensors, 0 where not applied (p = 0: x-flips)."""
     def gate(prob, v):
         return torch.where(torch.rand(v.shape[-1], generator=g) < prob, v, torch.zeros_like(v))
     params = dict(xflip=torch.randint(2, (n,), generator=g).double())
@@ -602,8 +561,7 @@ def augment_params(n, p, g):
 
 
 def augment_labels(params):
-    """The [n, 9] augmentation labels of EDM's pipe: x-flip, y-flip, log2 scale / 0.2, rotation (cos - 1, sin),
-    anisotropy (w cos r, w sin r) and the shift (x, y)."""
+    """The [n, 9] augmentation labels of EDM's pipe, which the network is conditioned on."""
     rot, w, r = params["rotate"], params["aniso"], params["aniso_angle"]
     return torch.stack([params["xflip"], params["yflip"], params["scale"], rot.cos() - 1, rot.sin(), w * r.cos(),
                         w * r.sin(), *params["translate"]], 1).float()
@@ -627,9 +585,8 @@ def augment_matrix(params, size):
 
 
 def augment(x, params):
-    """Apply the augmentations `params` (one entry per image, on x's device) to images x [n, C, H, W]: flips as pixel
-    blits, the rest as one bicubic resampling with reflection at the borders. Images with no geometric transform are
-    returned untouched; the batch order is kept (every particle keeps its image)."""
+    """Augment images x [n, C, H, W] by `params` (one entry per image, on x's device): flips as pixel blits, the rest
+    as one bicubic resampling with reflected borders; images with no geometric transform stay untouched, in order."""
     x = torch.where(params["xflip"][:, None, None, None] > 0, x.flip(3), x)
     if "yflip" not in params:   # p = 0: x-flips only
         return x
@@ -644,15 +601,12 @@ def augment(x, params):
     return torch.where(moved[:, None, None, None], warped, x)
 
 
-def step_seed(seed, step, slot=0):
-    """Seed of step `step`'s random draws. Slot 0: the data, times and noise shared by all ranks;
-    slot 1 + rank: that rank's dropout masks."""
+def step_seed(seed, step, slot=0):   # slot 0: the draws that all ranks share; slot 1 + rank: that rank's dropout masks
     return (seed * 1_000_003 + step) * 65_536 + slot
 
 
 def global_batch(step, seed, n_data, batch, cfg, augment_p, device, img_shape=(3, 32, 32)):
-    """Step `step`'s random draws for the whole global batch, identical on every rank: data indices (uniform, with
-    replacement), one (t, r, s) per group of M (App. C.7), the augmentations, and the noise (drawn on the device)."""
+    """Step `step`'s draws for the global batch, identical on every rank; one (t, r, s) per group of M (App. C.7)."""
     g = torch.Generator().manual_seed(step_seed(seed, step))
     idx = torch.randint(n_data, (batch,), generator=g)
     times = sample_times(batch // cfg.M, cfg, generator=g)
@@ -665,9 +619,8 @@ def global_batch(step, seed, n_data, batch, cfg, augment_p, device, img_shape=(3
 
 
 def micro_batches(data, draws, lo, batch_gpu, accum, M, labelled):
-    """This rank's `accum` micro-batches, global positions lo .. lo + accum * batch_gpu, as (x, noise, times, labels)
-    with x in [-1, 1] (x / 127.5 - 1, as the official code decodes) and the augmentation labels (None unless
-    `labelled`)."""
+    """This rank's `accum` micro-batches, global positions lo .. lo + accum * batch_gpu, as (x, noise, times, labels):
+    x in [-1, 1] (x / 127.5 - 1, as the official code decodes), the augmentation labels None unless `labelled`."""
     idx, times, noise, aug = draws
     for a in range(accum):
         sl = slice(lo + a * batch_gpu, lo + (a + 1) * batch_gpu)
@@ -680,37 +633,6 @@ def micro_batches(data, draws, lo, batch_gpu, accum, M, labelled):
 # -----------------------------------------------------------------------------------------------
 # 4. Models from checkpoints: ours, and the official one read by a restricted unpickler
 # -----------------------------------------------------------------------------------------------
-
-def model_from_checkpoint(ckpt, rate=None):
-    """(model, name): the IMMModel of a checkpoint with its EMA of decay `rate` (default: the slowest; 0: the live
-    weights), and which weights those are: 'ema0.9999' or 'live'."""
-    emas = ckpt["ema"]
-    key = max(emas, key=float) if rate is None else f"{rate:g}"
-    if rate == 0:
-        state, name = ckpt["model"], "live"
-    elif key in emas:
-        state, name = emas[key], f"ema{key}"
-    else:
-        raise SystemExit(f"--ema {key}: the checkpoint keeps the EMAs {', '.join(emas)} (or 0, the live weights)")
-    model = IMMModel(DDPMpp(**ckpt["net"]), IMMConfig(**ckpt["imm"]))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise SystemExit(f"the checkpoint's weights do not fit its own network settings {ckpt['net']} "
-                         f"({str(e).splitlines()[0]}); the file was edited or is damaged")
-    return model, name
-
-
-def restore(ckpt, raw_model, emas, opt, scaler):
-    """Load a checkpoint's live weights, EMAs, optimiser and fp16 loss scale; returns its step."""
-    raw_model.load_state_dict(ckpt["model"])
-    for rate, ema in emas.items():
-        ema.load_state_dict(ckpt["ema"][f"{rate:g}"])
-    opt.load_state_dict(ckpt["optimizer"])
-    if scaler is not None and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    return ckpt["step"]
-
 
 # The official CIFAR-10 checkpoint is a raw pickle whose classes rebuild themselves by exec()ing source text stored in
 # the file (official torch_utils/persistence.py). We read it without running any of it, keeping tensors and scalars.
@@ -738,20 +660,17 @@ class Inert:
 
 
 def persistent_record(meta):
-    """torch_utils.persistence._reconstruct_persistent_obj(meta): keeps the instance __dict__, meta['state'];
-    meta['module_src'], the class's source code, is dropped unread."""
+    """persistence._reconstruct_persistent_obj(meta): a record of meta['state'], the class's source dropped unread."""
     record = Inert()
     record.state = meta.get("state") if isinstance(meta, dict) else None
     return record
 
 
 class OfficialUnpickler(RestrictedUnpickler):
-    """Tensor rebuilders and plain containers resolve; persistent objects become records; code-running globals are
-    refused; any other global becomes an inert stub."""
+    """Tensors and plain containers resolve, persistent objects become records, code-running globals are refused."""
     allowed = {
         ("torch_utils.persistence", "_reconstruct_persistent_obj"): persistent_record,
-        # each storage is a complete legacy torch.save blob, which torch's weights_only reader accepts; storages saved
-        # on a GPU name 'cuda:0' as location: load them on the CPU
+        # a storage is a legacy torch.save blob (weights_only reads it); GPU-saved ones name 'cuda:0': use the CPU
         ("torch.storage", "_load_from_bytes"): lambda b: torch.load(io.BytesIO(b), map_location="cpu",
                                                                     weights_only=True),
         ("torch._utils", "_rebuild_tensor_v2"): lambda storage, offset, size, stride, *_: torch.empty(
@@ -770,8 +689,7 @@ class OfficialUnpickler(RestrictedUnpickler):
 
 
 def flat_state_dict(obj, prefix=""):
-    """The state_dict() of a pickled module tree, read from its records' __dict__ (_parameters, _buffers, _modules):
-    None entries and non-persistent buffers are skipped, as Module.state_dict() does."""
+    """The state_dict() of a pickled module tree, from its records' __dict__; skips what Module.state_dict() skips."""
     state, out = (obj.state if isinstance(obj, Inert) and isinstance(obj.state, dict) else {}), {}
     skip = state.get("_non_persistent_buffers_set") or set()
     for group in ("_parameters", "_buffers"):
@@ -806,10 +724,9 @@ def load_official(path_or_url=OFFICIAL_CIFAR10_URL, cache_dir=None):
                 f"{OFFICIAL_CIFAR10_URL})")
     with open(path, "rb") as f:
         head = f.read(2)
-        if head == b"PK":
-            raise ValueError(f"{path} is a zip archive (torch.save format), not a raw pickle; {expected}")
         if head[:1] != b"\x80":
-            raise ValueError(f"{path} is not a pickle file; {expected}")
+            what = "a zip archive (torch.save format), not a raw pickle" if head == b"PK" else "not a pickle file"
+            raise ValueError(f"{path} is {what}; {expected}")
         f.seek(0)
         try:
             data = OfficialUnpickler(f).load()
@@ -829,17 +746,16 @@ def load_official(path_or_url=OFFICIAL_CIFAR10_URL, cache_dir=None):
              if k in found and found[k].shape != v.shape]
     if missing or wrong:
         extra = [k for k in found if k not in want]
-        raise ValueError(f"{path} is not an IMM CIFAR-10 DDPM++ checkpoint: {len(missing)} missing keys "
-                         f"{missing[:5]}, {len(wrong)} shape mismatches {wrong[:5]}, {len(extra)} unexpected "
-                         f"keys {extra[:5]}")
+        raise ValueError(f"{path} is not an IMM CIFAR-10 DDPM++ checkpoint: {len(missing)} missing keys {missing[:5]}, "
+                         f"{len(wrong)} shape mismatches {wrong[:5]}, {len(extra)} unexpected keys {extra[:5]}")
     # extra keys (e.g. model.map_augment.weight) are ignored, as the official misc.copy_params_and_buffers does
     model.load_state_dict({k: found[k] for k in want})
     return model.eval(), model.cfg
 
 
 def load_model(source, rate=None):
-    """(model, name, folder, the run's options) for --sample/--fid: 'official', an official pickle (path or URL), or
-    one of our checkpoints (a file or a run folder) with its EMA of decay `rate`."""
+    """(model, name, folder, run options) for --sample/--fid: 'official' or its pickle (path or URL), or our
+    checkpoint's EMA `rate` (default: the slowest; 0: the live weights); name: 'official', 'ema0.9999' or 'live'."""
     official = source == "official" or "://" in source
     if not official and os.path.isfile(source):
         with open(source, "rb") as f:
@@ -854,7 +770,18 @@ def load_model(source, rate=None):
     path, ckpt, _ = find_checkpoint(source)
     if ckpt is None:
         raise SystemExit(f"--sample/--fid {source}: no checkpoint found")
-    return (*model_from_checkpoint(ckpt, rate), os.path.dirname(path), ckpt["args"])
+    emas = ckpt["ema"]
+    key = max(emas, key=float) if rate is None else f"{rate:g}"
+    if rate != 0 and key not in emas:
+        raise SystemExit(f"--ema {key}: the checkpoint keeps the EMAs {', '.join(emas)} (or 0, the live weights)")
+    state, name = (ckpt["model"], "live") if rate == 0 else (emas[key], f"ema{key}")
+    model = IMMModel(DDPMpp(**ckpt["net"]), IMMConfig(**ckpt["imm"]))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise SystemExit(f"the checkpoint's weights do not fit its own network settings {ckpt['net']} "
+                         f"({str(e).splitlines()[0]}); the file was edited or is damaged")
+    return model, name, os.path.dirname(path), ckpt["args"]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -862,8 +789,7 @@ def load_model(source, rate=None):
 # -----------------------------------------------------------------------------------------------
 
 def decode_images(x):
-    """Float NCHW in about [-1, 1] -> uint8 NHWC, as the official (x * 127.5 + 128).clip(0, 255)
-    cast to uint8. The +128 with truncation rounds half up: x = -1 -> 0, 0 -> 128, 1 -> 255."""
+    """Float NCHW -> uint8 NHWC as the official code: +128 and truncation round half up (-1, 0, 1 -> 0, 128, 255)."""
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
@@ -879,10 +805,8 @@ def save_image_grid(images, path, nrow=None):
 
 
 def sampling_times(steps, cfg):
-    """The sampler's times T = t_0 > ... > t_steps = t_min. 1 and 2 steps: the official CIFAR-10 lists (its configs:
-    [T, t_min] and [T, eta^-1(1.4), t_min]); more steps: uniform in t (Eq. 117), the list of the paper's multi-step
-    results (ImageNet, Table 2: pushforward on uniform times was the best of Fig. 6's four samplers), as the official
-    ImageNet configs. Flow matching (f-type euler_fm): Euler steps on uniform times."""
+    """The sampler's times T = t_0 > ... > t_steps = t_min: the official CIFAR-10 lists at 1 and 2 steps, else uniform
+    in t (Eq. 117); flow matching: uniform Euler steps. README "Sampling" gives each list's source."""
     if steps <= 2 and cfg.f_type != "euler_fm":
         return timesteps(steps, "eta", cfg, mid_eta=(1.4,)[:steps - 1])
     return timesteps(steps, "uniform", cfg)
@@ -901,11 +825,9 @@ SAMPLE_BATCH = 500   # images per sampler call; the noise is seeded per batch, s
 
 def sample_images(model, n, steps=2, sampler="pushforward", seed=0, batch=SAMPLE_BATCH, rank=0, world=1,
                   progress=False):
-    """n samples as uint8 NHWC on the CPU, with Algorithm 2 (pushforward) or 5 (restart) at sampling_times(steps). With
-    world > 1 (every rank calls it) only this rank's share: batches rank, rank + world, ... (gather_images joins them).
-    Batch b's prior noise comes from a generator seeded by (seed, b), restart's re-noising from a stream of its own,
-    both one row per image: an image's noise depends only on (seed, batch, its index), so a 64-image grid starts from
-    the noise of the first 64 images of any larger draw, and the number of ranks changes nothing."""
+    """n samples as uint8 NHWC on the CPU, with Algorithm 2 (pushforward) or 5 (restart) at sampling_times(steps); with
+    world > 1 (every rank calls it), this rank's batches rank, rank + world, ... (gather_images joins them). Batch b's
+    noise is seeded by (seed, b), one row per image: a grid starts like any larger draw, on any number of ranks."""
     net, device, ts = model.model, next(model.parameters()).device, sampling_times(steps, model.cfg)
     shape, out = (net.in_channels, net.img_resolution, net.img_resolution), []
     for b in progress_bar(range(rank, math.ceil(n / batch), world), f"{steps}-step {sampler}", progress):
@@ -937,9 +859,8 @@ def save_grids(model, out_dir, tag, steps, sampler, seed):
 
 
 def fid_setup(say=print):
-    """Import torch-fidelity and make sure its Inception weights are on disk and intact, before any sample is drawn.
-    torch-fidelity fetches them with torch.hub into $TORCH_HOME/hub/checkpoints; offline that fails late and
-    obscurely, so try the download here and otherwise say exactly which file to place where."""
+    """Import torch-fidelity and have its Inception weights on disk and intact before any sample is drawn: offline,
+    its own torch.hub download fails late and obscurely, so try it here and else say exactly which file goes where."""
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3 as url
     except ImportError:
@@ -953,8 +874,7 @@ def fid_setup(say=print):
             torch.hub.download_url_to_file(url, path, hash_prefix=prefix, progress=sys.stderr.isatty())
         except Exception as e:
             raise SystemExit(f"FID needs torch-fidelity's Inception weights and could not download them "
-                             f"({type(e).__name__}: {e}). On a machine with internet fetch {url} and place it at "
-                             f"{path} (that is $TORCH_HOME/hub/checkpoints/{name})")
+                             f"({type(e).__name__}: {e}); fetch {url} elsewhere, place it at {path} (in $TORCH_HOME)")
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     if not digest.startswith(prefix):
@@ -962,16 +882,13 @@ def fid_setup(say=print):
                          f"{prefix}...): delete it and run again, or place the file from {url} there")
 
 
-class Extractor(NamedTuple):   # fn: uint8 [N, 3, H, W] on the device -> [N, dim] features; name keys cached statistics
-    name: str
-    dim: int
-    fn: object
+# fn: uint8 [N, 3, H, W] on the device -> [N, dim] features; name keys cached statistics
+Extractor = NamedTuple("Extractor", [("name", str), ("dim", int), ("fn", object)])
 
 
 @functools.lru_cache(maxsize=2)   # --fid-every calls it at every evaluation: load the weights once per device
 def fid_feature_extractor(device):
-    """torch-fidelity's TF-Inception (2015-12-05 weights) and its 2048-d pool features. A function of its own so that
-    tests can put a tiny extractor in its place."""
+    """torch-fidelity's TF-Inception and its 2048-d pool features (a function of its own: tests put a tiny one here)."""
     import torch_fidelity
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).to(device).eval()
@@ -980,9 +897,8 @@ def fid_feature_extractor(device):
 
 
 def fid_statistics(images, extractor, env, progress=False, batch=250):
-    """torch-fidelity's FID statistics (mean, np.cov's unbiased covariance) of the features of every rank's uint8
-    NCHW `images`: each rank sums its features and their outer products in float64, and the ranks add up the sums
-    (all_reduce), never the images."""
+    """torch-fidelity's FID statistics (mean, np.cov's unbiased covariance) of every rank's uint8 NCHW `images`: each
+    rank sums its features and their outer products in float64; the ranks all_reduce the sums, never the images."""
     sums = torch.zeros(1 + extractor.dim + extractor.dim ** 2, dtype=torch.float64, device=env.device)
     with torch.no_grad():
         for i in progress_bar(range(0, len(images), batch), "FID features", progress):
@@ -996,9 +912,8 @@ def fid_statistics(images, extractor, env, progress=False, batch=250):
 
 
 def fid_reference(images, data_dir, env):
-    """(statistics, count) of the training images (uint8 NCHW; the statistics on rank 0 only), computed once by every
-    rank and cached next to them, keyed by a hash of the images and the feature extractor: --fid-every and later --fid
-    calls reuse them."""
+    """(statistics, count) of the training images (uint8 NCHW; statistics on rank 0 only), computed by every rank once
+    and cached next to them, keyed by a hash of the images and the extractor, for --fid-every and later --fid calls."""
     extractor = fid_feature_extractor(env.device)
     key = hashlib.sha256(images.cpu().numpy().tobytes() + extractor.name.encode()).hexdigest() if env.master else ""
     path = os.path.join(data_dir, f"fid_reference_{key[:16]}.npz")
@@ -1038,11 +953,9 @@ def fid_of(model, args, env, reference, name):
 
 def fid_during_training(args, env, data):
     """(every, reference statistics) for --fid-every; (0, None) with one line, never fatal, when FID cannot be had."""
-    if not args.fid_every:
-        return 0, None
     reason = "--data-dir fake has no real images to compare with" if args.data_dir == "fake" else None
     try:
-        reason or env.rank0_first(lambda: fid_setup(env.say), local=True)
+        reason or env.rank0_first(lambda: fid_setup(env.say))
     except SystemExit as e:
         reason = str(e)
     ok = torch.tensor(float(reason is None), device=env.device)
@@ -1063,10 +976,9 @@ N_TIME_BINS = 8   # the loss is logged per bin of t, like minRF, to show which t
 
 def train_step(model, opt, batches, cfg, *, accum, autocast, scaler=None, loss_fn=imm_loss, bins=None):
     """One optimiser step: the gradient of the loss (imm_loss: mean over groups of w MMD^2, Eq. 12; or fm_loss, one time
-    per image) accumulated over this rank's micro-batches and averaged over the ranks by DDP (equal-sized micro-batches
-    make this the mean over the whole global batch), then RAdam. `scaler`: fp16's GradScaler. `bins`, if given, a
-    [3, N_TIME_BINS] tensor that accumulates sum w MMD^2, sum MMD^2 and the group count per bin of t. Returns the mean
-    loss as a device tensor (no host sync)."""
+    per image) accumulated over this rank's micro-batches and averaged over the ranks by DDP (equal micro-batches: the
+    mean over the global batch), then RAdam. `scaler`: fp16's GradScaler. `bins`, if given: [3, N_TIME_BINS], adds up
+    w MMD^2, MMD^2 and the groups per bin of t. Returns the mean loss as a device tensor (no host sync)."""
     loss_sum = 0
     for a, (x, noise, times, labels) in enumerate(batches):
         sync = a == accum - 1 or not isinstance(model, DDP)
@@ -1153,10 +1065,10 @@ def evaluate(args, env):
     """--sample: a grid per step count, and with --n the samples as npz; --fid: the FID per step count. Every rank
     samples its share of the batches, with the run's seed and TF32 switches unless --seed/--precision are typed."""
     if args.fid:   # check everything FID needs before drawing any sample
-        env.rank0_first(lambda: fid_setup(env.say), local=True)
-        data = env.rank0_first(lambda: load_dataset(args.data_dir), local=True)
+        env.rank0_first(lambda: fid_setup(env.say))
+        data = env.rank0_first(lambda: load_dataset(args.data_dir))
     rate = args.ema[0] if args.ema else None
-    model, name, out_dir, run = env.rank0_first(lambda: load_model(args.sample or args.fid, rate), local=True)
+    model, name, out_dir, run = env.rank0_first(lambda: load_model(args.sample or args.fid, rate))
     check_sampler(args.sampler, model.cfg.f_type == "euler_fm")
     args.seed = run.get("seed", 0) if args.seed is None else args.seed
     precision_setup(args.precision or run.get("precision", "bf16"), env.device.type)   # as --fid-every in the run
@@ -1195,7 +1107,9 @@ def main(argv=None):
     if args.sample or args.fid:
         return evaluate(args, env)
     device, say = env.device, env.say
-    net_cfg, cfg, accum = net_kwargs(args), imm_config(args), per_rank // batch_gpu
+    net_cfg, accum = net_kwargs(args), per_rank // batch_gpu
+    cfg = IMMConfig.cifar(M=args.M, k=args.k, min_gap=args.min_gap, temb=args.temb,
+                          f_type="euler_fm" if args.loss == "fm" else "simple_edm")
     loss_fn = fm_loss if args.loss == "fm" else imm_loss
     if ckpt and (ckpt["net"] != net_cfg or ckpt["imm"] != asdict(cfg)):
         env.stop(f"{ckpt_path} was written by another version of train_cifar.py (its network or IMM settings do not "
@@ -1205,12 +1119,8 @@ def main(argv=None):
     if args.data_dir == "fake" or args.bench:
         data = torch.randint(0, 256, (2048, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     else:
-        data = env.rank0_first(lambda: load_dataset(args.data_dir), local=True)
+        data = env.rank0_first(lambda: load_dataset(args.data_dir))
     data = data.to(device)
-
-    def batches(step):   # this rank's micro-batches of step `step` (the draws are identical on every rank)
-        draws = global_batch(step, args.seed, len(data), args.batch, cfg, args.augment, device)
-        return micro_batches(data, draws, env.rank * per_rank, batch_gpu, accum, cfg.M, net_cfg["augment_dim"] > 0)
 
     # The run folder (section 1), before the model is built: rank 0 opens it; its name and verdict reach every rank
     shared = [args.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")), ""]
@@ -1232,8 +1142,14 @@ def main(argv=None):
     opt = torch.optim.RAdam(raw_model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     precision = args.precision if env.cuda else "fp32"
     autocast, scaler = precision_setup(precision, device.type)
-    step = restore(ckpt, raw_model, emas, opt, scaler) if ckpt else 0
-    if ckpt:
+    step = ckpt["step"] if ckpt else 0
+    if ckpt:   # its live weights, EMAs, optimiser and fp16 loss scale
+        raw_model.load_state_dict(ckpt["model"])
+        for rate, ema in emas.items():
+            ema.load_state_dict(ckpt["ema"][f"{rate:g}"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         say(f"resumed from {ckpt_path} at step {step}" + f" ({note})" * bool(note) + "".join(
             f"; --{k.replace('_', '-')} {shown(new)} (was {shown(old)})" for k, old, new in changed))
     elif args.resume:
@@ -1252,8 +1168,10 @@ def main(argv=None):
         f"{flops_img / 1e9:.2f} GFLOPs/img, {len(data)} images, steps {step} -> {args.max_steps}")
 
     def train(step, bins=None):   # one step: the loss over this rank's micro-batches, RAdam
-        try:
-            return train_step(model, opt, batches(step), cfg, accum=accum, autocast=autocast, scaler=scaler,
+        try:   # the draws are identical on every rank, which takes its slice of them
+            draws = global_batch(step, args.seed, len(data), args.batch, cfg, args.augment, device)
+            batches = micro_batches(data, draws, env.rank * per_rank, batch_gpu, accum, cfg.M, args.augment > 0)
+            return train_step(model, opt, batches, cfg, accum=accum, autocast=autocast, scaler=scaler,
                               loss_fn=loss_fn, bins=bins)
         except RuntimeError as e:   # CUDA's OutOfMemoryError, or the CPU allocator's
             if not (isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e)):
@@ -1264,13 +1182,14 @@ def main(argv=None):
     if args.bench:
         bench(train, args.bench, args.batch, world, mfu, device, say)
         return env.close()
-    fid_every, reference = fid_during_training(args, env, data)
+    fid_every, reference = fid_during_training(args, env, data) if args.fid_every else (0, None)
 
     def halt(why, resume=False):   # one line; the last good checkpoint stays (a non-finite step would come again)
         env.stop(f"{why}: training stopped; the last good checkpoint is {last_good or 'none (none was written yet)'}" +
                  f"; continue with --resume {run_dir} once it can be written there" * resume)
 
-    def log(rec):
+    def log(rec, text):   # to the console and log.jsonl
+        say(text)
         if env.master:
             try:
                 with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
@@ -1297,9 +1216,7 @@ def main(argv=None):
                 loss = loss_sum.item() / (n_steps * world)
                 if not math.isfinite(loss):
                     halt(f"loss is {loss} within steps {step - n_steps + 1}..{step}")
-                rec, line = progress(step, n_steps, loss, bins, time.time() - t_last, args, cfg, world, mfu, device)
-                say(line)
-                log(rec)
+                log(*progress(step, n_steps, loss, bins, time.time() - t_last, args, cfg, world, mfu, device))
                 loss_sum, n_steps, t_last = torch.zeros((), device=device), 0, time.time()
                 bins.zero_()
             t_eval = time.time()   # checkpoints, grids and FID are not training: keep them out of img/s, mfu, eta
@@ -1320,8 +1237,8 @@ def main(argv=None):
                 last_good = ckpt_file
             if fid_every and step % fid_every == 0:
                 rec, lines = fid_of(emas[slowest], args, env, reference, f"ema{slowest:g}")
-                say("\n".join(f"step {step} | {line}" for line in lines))
-                log(dict(step=step, fid_model=f"ema{slowest:g}", **rec))
+                log(dict(step=step, fid_model=f"ema{slowest:g}", **rec),
+                    "\n".join(f"step {step} | {line}" for line in lines))
             t_last += time.time() - t_eval
     env.close()
     if stop and step < args.max_steps:   # a stop during the last step finishes the run
