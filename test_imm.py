@@ -1499,6 +1499,13 @@ def test_a_write_that_fails_mid_log_line_stops_in_one_line_and_resume_cuts_the_t
     assert_same_training(run, full, exact=True)
 
 
+def test_resume_cuts_the_log_at_the_first_line_that_is_not_a_record_of_a_step_up_to_the_checkpoints(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n5\n{"step": 2}\n')   # a stray non-record line, then more
+    train_cifar.truncate_log(str(log), 2)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
 def test_a_second_process_on_a_run_folder_is_refused_naming_the_holder_and_a_kill_9_leaves_no_stale_lock(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, str(SCRIPT_DIR / "train_cifar.py"), *TINY_NET, "--data-dir", "fake", "--max-steps", "100000",

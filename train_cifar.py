@@ -262,7 +262,7 @@ def truncate_log(path, step):
             try:
                 if not line.endswith(b"\n") or json.loads(line)["step"] > step:
                     break
-            except (ValueError, KeyError):
+            except (ValueError, KeyError, TypeError):   # not JSON, or not a record
                 break
         f.truncate(sum(map(len, lines[:kept])))
     if kept < len(lines):
@@ -770,6 +770,12 @@ def load_model(source, rate=None):
     path, ckpt, _ = find_checkpoint(source)
     if ckpt is None:
         raise SystemExit(f"--sample/--fid {source}: no checkpoint found")
+    return (*model_from_checkpoint(ckpt, rate), os.path.dirname(path), ckpt["args"])
+
+
+def model_from_checkpoint(ckpt, rate=None):
+    """(IMMModel, name) of one of our checkpoints (load_checkpoint) with its EMA `rate` (default: the slowest; 0: the
+    live weights); name: 'ema0.9999' or 'live'."""
     emas = ckpt["ema"]
     key = max(emas, key=float) if rate is None else f"{rate:g}"
     if rate != 0 and key not in emas:
@@ -781,7 +787,7 @@ def load_model(source, rate=None):
     except RuntimeError as e:
         raise SystemExit(f"the checkpoint's weights do not fit its own network settings {ckpt['net']} "
                          f"({str(e).splitlines()[0]}); the file was edited or is damaged")
-    return model, name, os.path.dirname(path), ckpt["args"]
+    return model, name
 
 
 # -----------------------------------------------------------------------------------------------
