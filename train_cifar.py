@@ -905,14 +905,16 @@ def fid_feature_extractor(device):
 def fid_statistics(images, extractor, env, progress=False, batch=250):
     """torch-fidelity's FID statistics (mean, np.cov's unbiased covariance) of every rank's uint8 NCHW `images`: each
     rank sums its features and their outer products in float64; the ranks all_reduce the sums, never the images."""
-    sums = torch.zeros(1 + extractor.dim + extractor.dim ** 2, dtype=torch.float64, device=env.device)
+    n, s1, s2 = (torch.zeros((extractor.dim,) * k, dtype=torch.float64, device=env.device) for k in range(3))
+    n += len(images)
     with torch.no_grad():
         for i in progress_bar(range(0, len(images), batch), "FID features", progress):
             f = extractor.fn(images[i:i + batch].contiguous().to(env.device)).double()
-            sums += torch.cat([torch.tensor([len(f)], dtype=f.dtype, device=f.device), f.sum(0), (f.T @ f).flatten()])
+            s1 += f.sum(0)
+            s2 += f.T @ f
     if env.ddp:
-        dist.all_reduce(sums)
-    n, s1, s2 = sums[0], sums[1:1 + extractor.dim], sums[1 + extractor.dim:].view(extractor.dim, extractor.dim)
+        for total in (n, s1, s2):
+            dist.all_reduce(total)
     mu = s1 / n
     return dict(mu=mu.cpu().numpy(), sigma=((s2 - n * torch.outer(mu, mu)) / (n - 1)).cpu().numpy())
 
