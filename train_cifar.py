@@ -830,7 +830,7 @@ SAMPLE_BATCH = 500   # images per sampler call; the noise is seeded per batch, s
 
 
 def sample_images(model, n, steps=2, sampler="pushforward", seed=0, batch=SAMPLE_BATCH, rank=0, world=1,
-                  progress=False):
+                  progress=False, autocast=nullcontext()):
     """n samples as uint8 NHWC on the CPU, with Algorithm 2 (pushforward) or 5 (restart) at sampling_times(steps); with
     world > 1 (every rank calls it), this rank's batches rank, rank + world, ... (gather_images joins them). Batch b's
     noise is seeded by (seed, b), one row per image: a grid starts like any larger draw, on any number of ranks."""
@@ -839,8 +839,9 @@ def sample_images(model, n, steps=2, sampler="pushforward", seed=0, batch=SAMPLE
     for b in progress_bar(range(rank, math.ceil(n / batch), world), f"{steps}-step {sampler}", progress):
         seed_b = seed * 1_000_003 + b
         x = prior_sample((min(batch, n - b * batch), *shape), model.cfg, device, torch.Generator().manual_seed(seed_b))
-        x = (restart_sample(model, x, ts, generator=torch.Generator().manual_seed(2**63 + seed_b))
-             if sampler == "restart" else pushforward_sample(model, x, ts))
+        with autocast:   # the network's precision; the prior and the sampler's arithmetic between calls stay fp32
+            x = (restart_sample(model, x, ts, generator=torch.Generator().manual_seed(2**63 + seed_b))
+                 if sampler == "restart" else pushforward_sample(model, x, ts))
         out.append(decode_images(x))
     return torch.cat(out) if out else torch.empty(0, *shape[1:], shape[0], dtype=torch.uint8)
 
@@ -857,10 +858,10 @@ def gather_images(mine, n, env, batch=SAMPLE_BATCH):
     return torch.cat([shares[b % env.world][b // env.world] for b in range(math.ceil(n / batch))])
 
 
-def save_grids(model, out_dir, tag, steps, sampler, seed):
+def save_grids(model, out_dir, tag, steps, sampler, seed, autocast=nullcontext()):
     """A grid of 64 samples per step count, samples<tag>_<sampler>_<n>step.png, from the seed's first 64 noises."""
     for n in steps:
-        save_image_grid(sample_images(model, 64, n, sampler, seed),
+        save_image_grid(sample_images(model, 64, n, sampler, seed, autocast=autocast),
                         os.path.join(out_dir, f"samples{tag}_{sampler_name(sampler, model.cfg)}_{n}step.png"))
 
 
@@ -940,7 +941,7 @@ def fid_reference(images, data_dir, env):
     return stats, len(images)
 
 
-def fid_of(model, args, env, reference, name):
+def fid_of(model, args, env, reference, name, autocast=nullcontext()):
     """({fid_<sampler>_<steps>step: FID, fid_protocol: text}, one line per step count) of `model` (called `name`) at
     each of --steps: every rank samples its share of --n images and extracts their features; the values are rank 0's."""
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
@@ -948,7 +949,8 @@ def fid_of(model, args, env, reference, name):
     sampler, n, rec, lines = sampler_name(args.sampler, model.cfg), args.n or 50_000, {}, []
     for steps in ints(args.steps):
         env.say(f"FID: {n} samples at {steps}-step {sampler} ({env.world} process(es))")
-        x = sample_images(model, n, steps, args.sampler, args.seed, rank=env.rank, world=env.world, progress=env.master)
+        x = sample_images(model, n, steps, args.sampler, args.seed, rank=env.rank, world=env.world, progress=env.master,
+                          autocast=autocast)
         stats = fid_statistics(x.permute(0, 3, 1, 2), extractor, env, progress=env.master)
         if env.master:
             fid = rec[f"fid_{sampler}_{steps}step"] = fid_statistics_to_metric(stats, ref, False)[KEY_METRIC_FID]
@@ -1071,7 +1073,7 @@ def progress(step, n_steps, loss, bins, seconds, args, cfg, world, mfu, device):
 
 def evaluate(args, env):
     """--sample: a grid per step count, and with --n the samples as npz; --fid: the FID per step count. Every rank
-    samples its share of the batches, with the run's seed and TF32 switches unless --seed/--precision are typed."""
+    samples its share of the batches, with the run's seed and precision unless --seed/--precision are typed."""
     if args.fid:   # check everything FID needs before drawing any sample
         env.rank0_first(lambda: fid_setup(env.say))
         data = env.rank0_first(lambda: load_dataset(args.data_dir))
@@ -1079,11 +1081,12 @@ def evaluate(args, env):
     model, name, out_dir, run = env.rank0_first(lambda: load_model(args.sample or args.fid, rate))
     check_sampler(args.sampler, model.cfg.f_type == "euler_fm")
     args.seed = run.get("seed", 0) if args.seed is None else args.seed
-    precision_setup(args.precision or run.get("precision", "bf16"), env.device.type)   # as --fid-every in the run
+    precision = (args.precision or run.get("precision", "bf16")) if env.cuda else "fp32"   # as the run's grids and FID
+    autocast, _ = precision_setup(precision, env.device.type)
     out_dir, sampler, model = args.run_dir or out_dir, sampler_name(args.sampler, model.cfg), model.to(env.device)
     os.makedirs(out_dir, exist_ok=True)
     if args.fid:
-        rec, lines = fid_of(model, args, env, fid_reference(data, args.data_dir, env), name)
+        rec, lines = fid_of(model, args, env, fid_reference(data, args.data_dir, env), name, autocast)
         if env.master:
             lines = [f"{line}  [{rec['fid_protocol']}]" for line in lines]
             print("\n".join(lines), flush=True)
@@ -1093,7 +1096,7 @@ def evaluate(args, env):
         n, stem = args.n or 64, os.path.join(out_dir, f"samples_{name}_{sampler}_{steps}step")
         env.say(f"sampling {n} images at {steps}-step {sampler} ({env.world} process(es))")
         x = gather_images(sample_images(model, n, steps, args.sampler, args.seed, rank=env.rank, world=env.world,
-                                        progress=env.master), n, env)
+                                        progress=env.master, autocast=autocast), n, env)
         if env.master:   # the grid shows the first 64 samples; the npz layout is what ADM's evaluator suite reads
             save_image_grid(x[:64], stem + ".png")
             if args.n:
@@ -1237,14 +1240,14 @@ def main(argv=None):
                                  scaler=scaler.state_dict() if scaler else None, args=vars(args))
                     try:   # the checkpoint before stays as ckpt.prev.pt if it is known good (not one we fell back from)
                         save_grids(emas[slowest], run_dir, f"_{step:07d}_ema{slowest:g}", ints(args.steps),
-                                   args.sampler, args.seed)
+                                   args.sampler, args.seed, autocast)
                         write_atomically(ckpt_file, lambda f: torch.save(state, f),
                                          os.path.join(run_dir, "ckpt.prev.pt") if last_good == ckpt_file else None)
                     except OSError as e:
                         halt(write_failed(run_dir, e), resume=True)
                 last_good = ckpt_file
             if fid_every and step % fid_every == 0:
-                rec, lines = fid_of(emas[slowest], args, env, reference, f"ema{slowest:g}")
+                rec, lines = fid_of(emas[slowest], args, env, reference, f"ema{slowest:g}", autocast)
                 log(dict(step=step, fid_model=f"ema{slowest:g}", **rec),
                     "\n".join(f"step {step} | {line}" for line in lines))
             t_last += time.time() - t_eval
