@@ -839,7 +839,7 @@ def sample_images(model, n, steps=2, sampler="pushforward", seed=0, batch=SAMPLE
     for b in progress_bar(range(rank, math.ceil(n / batch), world), f"{steps}-step {sampler}", progress):
         seed_b = seed * 1_000_003 + b
         x = prior_sample((min(batch, n - b * batch), *shape), model.cfg, device, torch.Generator().manual_seed(seed_b))
-        with autocast:   # the network's precision; the prior and the sampler's arithmetic between calls stay fp32
+        with autocast:   # the network's precision; the prior and the sampler's arithmetic stay float64
             x = (restart_sample(model, x, ts, generator=torch.Generator().manual_seed(2**63 + seed_b))
                  if sampler == "restart" else pushforward_sample(model, x, ts))
         out.append(decode_images(x))
