@@ -2067,7 +2067,8 @@ FAKE_INCEPTION = train_cifar.Extractor("per-channel means and standard deviation
                                        lambda x: torch.cat([x.float().mean((2, 3)), x.float().std((2, 3))], 1))
 
 
-def test_sample_writes_a_grid_and_an_npz_per_step_count_and_the_grid_shows_the_first_64_samples(tmp_path, capsys):
+def test_sample_writes_a_grid_and_an_npz_per_step_count_and_the_grid_shows_the_first_64_samples(tmp_path, capsys,
+                                                                                               monkeypatch):
     train_tiny(tmp_path, "--max-steps", "1")
     train_cifar.main(["--sample", str(tmp_path), "--steps", "1,2,4,8", "--sampler", "restart", "--n", "70"])
     out, x = capsys.readouterr().out, {}
@@ -2086,6 +2087,14 @@ def test_sample_writes_a_grid_and_an_npz_per_step_count_and_the_grid_shows_the_f
     with Image.open(tmp_path / "b" / "samples_ema0.9999_restart_8step.png") as png:   # without --n: the same grid
         assert np.array_equal(np.array(png), np.array(Image.open(tmp_path / "samples_ema0.9999_restart_8step.png")))
     assert not list((tmp_path / "b").glob("*.npz"))
+    compiled = []   # --compile: the raw network compiled (here: recorded), in channels_last; the same samples
+    monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or m)
+    train_cifar.main(["--sample", str(tmp_path), "--steps", "8", "--sampler", "restart", "--n", "70", "--compile",
+                      "--run-dir", str(tmp_path / "c")])
+    assert len(compiled) == 1 and isinstance(compiled[0], imm.DDPMpp)
+    assert compiled[0].enc["32x32_conv"].weight.is_contiguous(memory_format=torch.channels_last)
+    with np.load(tmp_path / "c" / "samples_ema0.9999_restart_8step_70.npz") as f:
+        np.testing.assert_array_equal(f["arr_0"], x[8])
 
 
 def fake_inception(monkeypatch, extractor=FAKE_INCEPTION):
