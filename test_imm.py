@@ -1334,13 +1334,15 @@ def test_damaged_and_foreign_checkpoints_get_one_line_naming_the_file(tmp_path):
     for name, blob in bad.items():
         (tmp_path / name).write_bytes(blob)
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    torch.save({**load_ckpt(tmp_path / "run" / "ckpt.pt"), "ema": {}}, tmp_path / "no_ema.pt")
 
     class Evil:
         def __reduce__(self):
             return os.system, ("echo pwned",)
     torch.save({"net": Evil()}, tmp_path / "evil.pt")
     for name, message in (("random.pt", "cannot be read as a checkpoint"), ("truncated.pt", "cannot be read"),
-                          ("evil.pt", "cannot be read"), ("foreign.pt", "is not a train_cifar.py checkpoint")):
+                          ("evil.pt", "cannot be read"), ("foreign.pt", "is not a train_cifar.py checkpoint"),
+                          ("no_ema.pt", "holds no EMA weights")):
         for argv in (["--resume", str(tmp_path / name)], ["--sample", str(tmp_path / name)]):
             with pytest.raises(SystemExit) as e:
                 train_cifar.main(argv + ["--run-dir", str(tmp_path / "out")])
@@ -1539,7 +1541,7 @@ def test_a_second_process_on_a_run_folder_is_refused_naming_the_holder_and_a_kil
 
 
 def test_a_damaged_or_missing_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
-    run, full = tmp_path / "run", tmp_path / "full"
+    run, full = tmp_path / "run:a", tmp_path / "full"   # a ':' in the path: the reason is still given whole
     train_tiny(run, "--max-steps", "3", "--ckpt-every", "2")
     train_tiny(full, "--max-steps", "4")
     assert load_ckpt(run / "ckpt.prev.pt")["step"] == 2
@@ -1550,6 +1552,8 @@ def test_a_damaged_or_missing_newest_checkpoint_falls_back_to_the_one_before(tmp
         else:
             (run / "ckpt.pt").write_bytes(newest[:len(newest) // 2])
         capsys.readouterr()
+        train_cifar.main(["--sample", str(run), "--run-dir", str(tmp_path / "samples")])   # says which file it used
+        assert f"using {run / 'ckpt.prev.pt'} (" in capsys.readouterr().out
         train_cifar.main(["--resume", str(run), "--max-steps", "4"])
         line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("resumed from"))
         assert line.startswith(f"resumed from {run / 'ckpt.prev.pt'} at step 2 (") and why in line, line

@@ -289,7 +289,7 @@ def find_checkpoint(resume, run_dir=""):
     except SystemExit as e:
         if not os.path.isfile(prev):
             raise
-        return prev, load_checkpoint(prev), e.code.split(":")[0]
+        return prev, load_checkpoint(prev), e.code.replace(path, "ckpt.pt").split(":")[0].split(";")[0]   # why, short
 
 
 def load_checkpoint(path):
@@ -306,6 +306,8 @@ def load_checkpoint(path):
     if missing:
         raise SystemExit(f"{path} is not a train_cifar.py checkpoint (it has no {', '.join(missing)}); for the "
                          f"official CIFAR-10 model use --sample/--fid official")
+    if not isinstance(ckpt["ema"], dict) or not ckpt["ema"]:
+        raise SystemExit(f"{path} holds no EMA weights: the file was edited or is damaged")
     if torch.is_tensor(next(iter(ckpt["ema"].values()))):   # written before --ema took a list: one EMA
         rate = ckpt["args"]["ema"]
         ckpt["ema"], ckpt["args"]["ema"] = {f"{rate:g}": ckpt["ema"]}, (rate,)
@@ -754,7 +756,7 @@ def load_official(path_or_url=OFFICIAL_CIFAR10_URL, cache_dir=None):
     return model.eval(), model.cfg
 
 
-def load_model(source, rate=None):
+def load_model(source, rate=None, say=print):
     """(model, name, folder, run options) for --sample/--fid: 'official' or its pickle (path or URL), or our
     checkpoint's EMA `rate` (default: the slowest; 0: the live weights); name: 'official', 'ema0.9999' or 'live'."""
     official = source == "official" or "://" in source
@@ -768,9 +770,11 @@ def load_model(source, rate=None):
         except (OSError, ValueError, pickle.UnpicklingError) as e:   # offline, missing or not an official checkpoint
             raise SystemExit(f"cannot load the official checkpoint {source} ({type(e).__name__}: {e}); offline, "
                              f"download {OFFICIAL_CIFAR10_URL} elsewhere and pass its path")
-    path, ckpt, _ = find_checkpoint(source)
+    path, ckpt, note = find_checkpoint(source)
     if ckpt is None:
         raise SystemExit(f"--sample/--fid {source}: no checkpoint found")
+    if note:
+        say(f"using {path} ({note})")
     return (*model_from_checkpoint(ckpt, rate), os.path.dirname(path), ckpt["args"])
 
 
@@ -1079,7 +1083,7 @@ def evaluate(args, env):
         env.rank0_first(lambda: fid_setup(env.say))
         data = env.rank0_first(lambda: load_dataset(args.data_dir))
     rate = args.ema[0] if args.ema else None
-    model, name, out_dir, run = env.rank0_first(lambda: load_model(args.sample or args.fid, rate))
+    model, name, out_dir, run = env.rank0_first(lambda: load_model(args.sample or args.fid, rate, env.say))
     check_sampler(args.sampler, model.cfg.f_type == "euler_fm")
     args.seed = run.get("seed", 0) if args.seed is None else args.seed
     precision = (args.precision or run.get("precision", "bf16")) if env.cuda else "fp32"   # as the run's grids and FID
