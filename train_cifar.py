@@ -173,7 +173,7 @@ def get_parser():
       "always fp32. --sample/--fid: the run's (bf16 samples as well as TF32: README 'Measured speed')")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model and keep it in "
       "channels_last (default: on with CUDA, off on CPU; the first steps then take ~3 min). --sample/--fid: off unless "
-      "typed: sampling runs 2.1x faster after a compile of a minute or more, which pays from ~400k network calls")
+      "typed: sampling runs 2.1x faster after a compile of a minute or more, which pays from ~350k network calls")
     a("--seed", type=int, help="seed of the initialisation and all random draws (default 0; --sample/--fid: the run's)")
     # the run folder: logs, grids, checkpoints, FID
     a("--run-dir", default="", help="folder for logs, grids and checkpoints (default: runs/<date-time>, or the resumed "
