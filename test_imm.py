@@ -1471,7 +1471,8 @@ def file_size_limit(n_bytes):
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
-def test_a_full_disk_at_checkpoint_time_stops_in_one_line_keeps_the_last_checkpoint_and_resumes(tmp_path, monkeypatch):
+def test_a_full_disk_at_checkpoint_time_stops_in_one_line_keeps_the_last_checkpoint_and_resumes(tmp_path, monkeypatch,
+                                                                                                 capsys):
     run = tmp_path / "run"
     train_tiny(run, "--max-steps", "2")
     good = (run / "ckpt.pt").read_bytes()
@@ -1490,6 +1491,11 @@ def test_a_full_disk_at_checkpoint_time_stops_in_one_line_keeps_the_last_checkpo
         assert re.search(re.escape(f"cannot write to {run} ({reason};") + r" [\d,]+ MiB free on /", text)
         assert f"the last good checkpoint is {run / 'ckpt.pt'}" in text and f"--resume {run}" in text, text
     assert not list(run.glob("*.tmp")) and (run / "ckpt.pt").read_bytes() == good
+    grids = {p: p.read_bytes() for p in run.glob("samples_0000003_*")}   # drawn by the tries above
+    with file_size_limit(20_000), pytest.raises(SystemExit) as limit:   # redrawing them fills the disk
+        train_tiny(run, "--resume", "auto", "--max-steps", "3")
+    assert "File too large" in one_line(limit) and len(grids) == 2 and not list(run.glob("*.tmp"))
+    assert all(p.read_bytes() == png for p, png in grids.items())   # each grid whole: the old one, not half a new one
     train_tiny(run, "--resume", "auto", "--max-steps", "3")   # once there is space again
     train_tiny(tmp_path / "full", "--max-steps", "3")
     assert_same_training(run, tmp_path / "full", exact=True)

@@ -207,6 +207,7 @@ def shown(value):   # an option's value as typed: 0.999,0.9999 rather than (0.99
 # power loss needs both). Resuming parses the command line twice: the first parse finds the run, whose options (its
 # checkpoint's, or its args.json's before the first) become the second's defaults, so that options typed again win.
 def write_atomically(path, write, keep=None):   # keep: where the file it replaces goes (ckpt.prev.pt)
+    path = os.fspath(path)
     with open(path + ".tmp", "wb") as f:
         try:
             write(f)
@@ -812,7 +813,8 @@ def save_image_grid(images, path, nrow=None):
     rows = math.ceil(N / nrow)
     img = torch.cat([images, images.new_zeros(rows * nrow - N, H, W, C)])
     grid = img.reshape(rows, nrow, H, W, C).transpose(1, 2).reshape(rows * H, nrow * W, C)
-    Image.fromarray(grid.squeeze(-1).numpy() if C == 1 else grid.numpy()).save(path)
+    image = Image.fromarray(grid.squeeze(-1).numpy() if C == 1 else grid.numpy())
+    write_atomically(path, lambda f: image.save(f, format="PNG"))   # a full disk leaves the grid before it whole
 
 
 def sampling_times(steps, cfg):
