@@ -1104,13 +1104,16 @@ def evaluate(args, env):
     for steps in ints(args.steps) if args.sample else ():
         n, stem = args.n or 64, os.path.join(out_dir, f"samples_{name}_{sampler}_{steps}step")
         env.say(f"sampling {n} images at {steps}-step {sampler} ({env.world} process(es))")
+        t0 = time.time()
         x = gather_images(sample_images(model, n, steps, args.sampler, args.seed, rank=env.rank, world=env.world,
                                         progress=env.master, autocast=autocast), n, env)
+        seconds = time.time() - t0
         if env.master:   # the grid shows the first 64 samples; the npz layout is what ADM's evaluator suite reads
             save_image_grid(x[:64], stem + ".png")
             if args.n:
                 write_atomically(f"{stem}_{n}.npz", lambda f: np.savez(f, arr_0=x.numpy()))
-            env.say(f"wrote {stem}.png" + f" and {stem}_{n}.npz" * bool(args.n))
+            env.say(f"wrote {stem}.png" + f" and {stem}_{n}.npz" * bool(args.n) +
+                    f" (sampled in {seconds:.1f} s, {n / seconds:,.0f} img/s)")
     env.close()
 
 
