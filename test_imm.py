@@ -122,6 +122,8 @@ def test_f_is_identity_when_s_equals_t(f_type, schedule):
     x = torch.randn(8, 6, dtype=torch.float64)
     t = torch.rand(8, dtype=torch.float64) * 0.98 + 0.01
     assert torch.equal(model(x, t=t, s=t), x)
+    images = torch.randn(8, 3, 8, 8, dtype=torch.float64)   # also around the real network, whatever it outputs
+    assert torch.equal(IMMModel(randomize_(tiny_net()), cfg).eval()(images, t=t, s=t), images)
     c_skip, c_out = imm.f_coefficients(s=t, t=t, cfg=cfg)
     assert torch.all(c_skip == 1) and torch.all(c_out == 0)
 
