@@ -1118,7 +1118,6 @@ def test_sample_images_runs_algorithm_2_or_5_on_the_papers_time_lists_and_a_long
     assert torch.equal(one["pushforward"], one["restart"])   # one restart step is one pushforward step
 
 
-
 def test_sample_images_runs_the_network_under_the_given_autocast_and_bf16_moves_pixels_by_rounding_only():
     model, seen = IMMModel(randomize_(tiny_net()), IMMConfig()).eval(), []
     model.model.register_forward_hook(lambda m, inputs, out: seen.append(out.dtype))
@@ -1127,6 +1126,7 @@ def test_sample_images_runs_the_network_under_the_given_autocast_and_bf16_moves_
     assert seen == [torch.float32] * 2 + [torch.bfloat16] * 2   # 2 network calls each; the default is full precision
     diff = (full.int() - low.int()).abs()
     assert 0 < diff.max() <= 8 and diff.float().mean() < 1   # bf16 keeps 8 bits: a few uint8 steps at most
+
 
 # ============================================================================= train_cifar.py
 
